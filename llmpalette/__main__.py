@@ -1,0 +1,5 @@
+import sys
+
+from llmpalette.cli import main
+
+sys.exit(main())

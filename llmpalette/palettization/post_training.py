@@ -1,0 +1,280 @@
+"""Data-free post-training palettization: exact k-means of each weight group into a LUT.
+
+Mirrors `coremltools.optimize.torch.palettization.PostTrainingPalettizer` and its configs.
+`palettize_weight` is the whole algorithm for one tensor (pure: tensor in, `PalettizedWeight` out);
+`PostTrainingPalettizer` applies it to the modules a config selects, in memory, with no files.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from llmpalette.config import ModuleOptimizationConfig, OptimizationConfig
+from llmpalette.errors import ConfigError
+from llmpalette.layout.palettized import PalettizedWeight, group_view
+from llmpalette.maths.assign import nearest
+from llmpalette.maths.kmeans1d import kmeans_1d
+from llmpalette.maths.kmeans_vector import kmeans_vector
+from llmpalette.maths.lut import dequantize_lut, quantize_lut
+from llmpalette.modules import WeightUnit, get_weight, set_weight, weight_units
+
+Granularity = Literal["per_tensor", "per_channel", "per_grouped_channel"]
+LutDtype = Literal["float32", "float16", "int8", "uint8"]
+
+_LUT_DTYPE_SPELLINGS = {
+    "f32": "float32", "fp32": "float32", "float32": "float32",
+    "f16": "float16", "fp16": "float16", "float16": "float16",
+    "i8": "int8", "int8": "int8", "u8": "uint8", "uint8": "uint8",
+}
+_TORCH_LUT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.uint8: "uint8"}
+
+
+@dataclass
+class ModulePostTrainingPalettizerConfig(ModuleOptimizationConfig):
+    """How one module's weight is palettized (Core ML Tools' names, plus `enforce_zero` and `weight_threshold`).
+
+    n_bits: 1..8; the LUT has 2**n_bits entries.
+    granularity: per_tensor (one LUT), per_channel (one LUT per channel along `channel_axis`),
+        per_grouped_channel (one LUT per `group_size` consecutive channels along `channel_axis`).
+    channel_axis: 0 (output channels) or 1 (input channels).
+    cluster_dim: entries per LUT row (vector palettization); vectors run along the other axis of
+        (0, 1), i.e. along the input axis when channel_axis is 0.
+    enable_per_channel_scale: divide each output channel by its max |w| before clustering and keep
+        the scale (decoded weight = LUT value * scale). Scalar LUTs only.
+    enforce_zero: the LUT entry nearest to zero is set to exactly 0.
+    lut_dtype: LUT storage: float32, float16, or int8 / uint8 (the LUT itself quantized, with a scale
+        per LUT; Core ML Tools' `lut_dtype`). torch dtypes and 'f16'/'i8'/'u8' spellings are accepted.
+    weight_threshold: only weights with more elements than this are palettized.
+    """
+
+    n_bits: int = 4
+    granularity: Granularity = "per_tensor"
+    group_size: int | None = None
+    channel_axis: int = 0
+    cluster_dim: int | None = None
+    enable_per_channel_scale: bool = False
+    enforce_zero: bool = False
+    lut_dtype: LutDtype = "float32"
+    weight_threshold: int = 2048
+
+    _rejected_fields: ClassVar[dict[str, str]] = {
+        "enable_fast_kmeans_mode": "not needed: llmpalette's k-means is exact on the raw weights and fast; remove it",
+        "rounding_precision": "not needed: llmpalette does not round weights before k-means; remove it",
+        "num_kmeans_workers": "not a config field here: llmpalette's k-means kernel uses every core; remove it",
+    }
+
+    def _normalize(self, name, value):
+        if name == "lut_dtype":
+            if value is None:
+                return "float32"
+            if isinstance(value, torch.dtype):
+                return _TORCH_LUT_DTYPES.get(value, str(value))
+            if isinstance(value, str):
+                return _LUT_DTYPE_SPELLINGS.get(value.removeprefix("torch."), value)
+        return value
+
+    def validate(self) -> None:
+        if not 1 <= self.n_bits <= 8:
+            raise ConfigError("n_bits", f"must be between 1 and 8, got {self.n_bits}")
+        if self.channel_axis not in (0, 1):
+            raise ConfigError("channel_axis", f"must be 0 or 1, got {self.channel_axis}")
+        if self.granularity == "per_grouped_channel":
+            if self.group_size is None:
+                raise ConfigError("group_size", "is required with granularity per_grouped_channel")
+            if self.group_size < 1:
+                raise ConfigError("group_size", f"must be a positive integer, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ConfigError("group_size", f"only applies to granularity per_grouped_channel, not {self.granularity}")
+        if self.cluster_dim is not None and self.cluster_dim < 1:
+            raise ConfigError("cluster_dim", f"must be a positive integer, got {self.cluster_dim}")
+        if self.vector_size > 1 and self.enable_per_channel_scale:
+            raise ConfigError("enable_per_channel_scale", "is not supported with cluster_dim > 1")
+        if self.weight_threshold < 0:
+            raise ConfigError("weight_threshold", f"must be >= 0, got {self.weight_threshold}")
+
+    @property
+    def vector_size(self) -> int:
+        return self.cluster_dim or 1
+
+    def channels_per_lut(self, shape: tuple[int, ...]) -> int:
+        if self.granularity == "per_tensor":
+            return shape[self.channel_axis]
+        if self.granularity == "per_channel":
+            return 1
+        return self.group_size
+
+    def check_weight(self, shape: tuple[int, ...], name: str) -> None:
+        """Reject, naming the layer, a config this weight's shape cannot take."""
+        if len(shape) < 2:
+            raise ConfigError("channel_axis", f"layer '{name}': weight of shape {list(shape)} has no channel axis")
+        channels = shape[self.channel_axis]
+        if self.granularity == "per_grouped_channel" and channels % self.group_size:
+            raise ConfigError(
+                "group_size",
+                f"layer '{name}': group_size {self.group_size} does not divide its {channels} channels along axis "
+                f"{self.channel_axis}; choose a divisor or give this layer its own config in module_name_configs",
+            )
+        if self.vector_size > 1:
+            axis = vector_axis(self.channel_axis)
+            if shape[axis] % self.vector_size:
+                raise ConfigError(
+                    "cluster_dim",
+                    f"layer '{name}': cluster_dim {self.vector_size} does not divide its {shape[axis]} elements along axis {axis}",
+                )
+
+
+@dataclass
+class PostTrainingPalettizerConfig(OptimizationConfig):
+    """Which modules are palettized how: global_config, module_type_configs, module_name_configs."""
+
+    module_config_class: ClassVar[type] = ModulePostTrainingPalettizerConfig
+
+
+def vector_axis(channel_axis: int) -> int:
+    """Vectors (cluster_dim > 1) run along the other one of the first two axes."""
+    return 1 - channel_axis
+
+
+def palettize_weight(weight: torch.Tensor, config: ModulePostTrainingPalettizerConfig, *, seed: int = 0) -> PalettizedWeight:
+    """Palettize one weight tensor: the optimal LUT per group (exact 1-D k-means; Lloyd for vectors) and indices."""
+    w = weight.detach().to(torch.float32)
+    channel_scale = None
+    if config.enable_per_channel_scale:
+        channel_scale = w.abs().amax(dim=tuple(range(1, w.dim())))  # [out]
+        channel_scale = torch.where(channel_scale > 0, channel_scale, torch.ones_like(channel_scale))
+        w = w / channel_scale.view(-1, *([1] * (w.dim() - 1)))
+    d = config.vector_size
+    axis_v = vector_axis(config.channel_axis) if d > 1 else None
+    group_size = config.channels_per_lut(tuple(w.shape))
+    groups = group_view(w, config.channel_axis, group_size, d, axis_v)  # [G, n, d]
+    k = 2**config.n_bits
+    if d == 1:
+        centroids, _ = kmeans_1d(groups[..., 0], k)
+        lut = centroids.unsqueeze(-1)  # [G, K, 1]
+    else:
+        lut, _ = kmeans_vector(groups, k, seed=seed)
+    if config.enforce_zero:
+        lut = _pin_zero(lut)
+    lut_q, lut_scale, lut_zero_point = _store_lut(lut, config.lut_dtype)
+    decoded = lut_q.to(torch.float32) if lut_scale is None else dequantize_lut(lut_q, lut_scale, lut_zero_point)
+    labels = nearest(groups, decoded)
+    return PalettizedWeight.from_assignment(
+        lut_q,
+        labels,
+        shape=tuple(weight.shape),
+        n_bits=config.n_bits,
+        channel_axis=config.channel_axis,
+        group_size=group_size,
+        cluster_dim=d,
+        vector_axis=axis_v,
+        lut_scale=lut_scale,
+        lut_zero_point=lut_zero_point,
+        channel_scale=channel_scale,
+    )
+
+
+def _pin_zero(lut: torch.Tensor) -> torch.Tensor:
+    """Set each LUT's entry nearest the origin to exactly zero. lut [G, K, d]."""
+    nearest_zero = lut.norm(dim=-1).argmin(dim=1)  # [G]
+    pinned = lut.clone()
+    pinned[torch.arange(lut.shape[0]), nearest_zero] = 0
+    return pinned
+
+
+def _store_lut(lut: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if dtype == "float32":
+        return lut.to(torch.float32), None, None
+    if dtype == "float16":
+        return lut.to(torch.float16), None, None
+    return quantize_lut(lut.to(torch.float32), dtype)
+
+
+def relative_error(weight: torch.Tensor, decoded: torch.Tensor) -> float:
+    """||W - W_hat||^2 / ||W||^2, the per-layer reconstruction error the reports show."""
+    w = weight.detach().to(torch.float64)
+    denom = float(w.square().sum())
+    return float((w - decoded.to(torch.float64)).square().sum()) / denom if denom > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class PlannedUnit:
+    """A weight unit and the config that compresses it."""
+
+    unit: WeightUnit
+    config: ModulePostTrainingPalettizerConfig
+
+
+class PostTrainingPalettizer:
+    """Palettize a model's weights in memory: `PostTrainingPalettizer(model, config).compress()`.
+
+    After `compress()`, `compressed` maps each unit's module name to its `PalettizedWeight`, and the
+    returned model's weights are exactly those weights decoded. Tied weights are compressed once; a
+    config that would treat the names of one tied tensor differently is rejected, naming them all.
+    """
+
+    def __init__(self, model: nn.Module, config: PostTrainingPalettizerConfig | None = None, *, seed: int = 0):
+        self._model = model
+        self._config = config if config is not None else PostTrainingPalettizerConfig()
+        self._seed = seed
+        self.compressed: dict[str, PalettizedWeight] = {}
+
+    def plan(self, model: nn.Module | None = None) -> list[PlannedUnit]:
+        """The units to compress and their configs, validated before any work."""
+        return plan_units(model if model is not None else self._model, self._config)
+
+    def compress(self, inplace: bool = False) -> nn.Module:
+        model = self._model if inplace else copy.deepcopy(self._model)
+        self.compressed = {}
+        for planned in self.plan(model):
+            weight = get_weight(model, planned.unit)
+            palettized = palettize_weight(weight, planned.config, seed=self._seed)
+            set_weight(model, planned.unit, palettized.decode())
+            self.compressed[planned.unit.name] = palettized
+        return model
+
+    def report(self) -> dict[str, dict]:
+        """Per compressed module: LUT shape, bits, cluster dim, parameter count and compressed bytes."""
+        return {
+            name: {
+                "n_bits": p.n_bits,
+                "cluster_dim": p.cluster_dim,
+                "group_size": p.group_size,
+                "lut_shape": list(p.lut.shape),
+                "num_params": int(torch.Size(p.shape).numel()),
+                "nbytes": p.nbytes,
+            }
+            for name, p in self.compressed.items()
+        }
+
+
+def plan_units(model: nn.Module, config: OptimizationConfig) -> list[PlannedUnit]:
+    """Resolve the config for every weight unit of `model`; tied names must agree. Raises ConfigError."""
+    config.check_names(model)
+    planned = []
+    for unit in weight_units(model):
+        configs = {name: config.get_module_config(name, model.get_submodule(name)) for name in unit.names}
+        distinct = {None if c is None else _freeze(c) for c in configs.values()}
+        if len(distinct) > 1:
+            listing = ", ".join(f"{n} -> {'skip' if c is None else 'compress'}" for n, c in configs.items())
+            raise ConfigError(
+                "module_name_configs",
+                f"{' and '.join(unit.names)} share one tensor (tied weights) but the config treats them differently "
+                f"({listing}); give all of them the same config, e.g. null for each",
+            )
+        chosen = configs[unit.name]
+        if chosen is None:
+            continue
+        if get_weight(model, unit).numel() <= chosen.weight_threshold:
+            continue
+        chosen.check_weight(unit.shape, unit.name)
+        planned.append(PlannedUnit(unit, chosen))
+    return planned
+
+
+def _freeze(config: ModuleOptimizationConfig) -> tuple:
+    return (type(config).__name__, tuple(sorted(dataclasses.asdict(config).items())))

@@ -1,0 +1,202 @@
+"""The YAML recipe as a typed object, validated once; every error names the file and the field.
+
+```yaml
+model: default                  # or a hub id, a folder, a .gguf file
+data: {text: default, samples: 0, seq_len: 512}
+stages:
+  - algorithm: kmeans
+    config:                     # exactly Core ML Tools' PostTrainingPalettizerConfig dictionary
+      global_config: {n_bits: 4, granularity: per_grouped_channel, group_size: 16}
+      module_name_configs: {lm_head: null, model.embed_tokens: null}
+evaluate: {windows: 16, seq_len: 512}
+```
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from llmpalette.config import OptimizationConfig
+from llmpalette.errors import ConfigError
+from llmpalette.palettization.post_training import PostTrainingPalettizerConfig
+
+ALGORITHMS: dict[str, type[OptimizationConfig]] = {
+    "kmeans": PostTrainingPalettizerConfig,
+}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    text: str = "default"        # "default" (pydoc topics), a local file/folder, or a hub dataset name
+    samples: int = 0             # calibration windows (0 for data-free algorithms)
+    seq_len: int = 512
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    windows: int = 16            # held-out windows for perplexity (0: no evaluation)
+    seq_len: int = 512
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class Stage:
+    algorithm: str
+    config: OptimizationConfig
+    raw_config: Mapping[str, Any] = field(compare=False, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, "config": _plain(self.raw_config)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: tuple[Stage, ...]
+    model: str = "default"
+    data: DataSpec = DataSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    seed: int = 0
+    dtype: str = "float32"
+    source: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "Recipe":
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError("", "recipe file not found", path) from None
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"not valid YAML: {e}", path) from None
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, source: str | None = None) -> "Recipe":
+        try:
+            return _parse(raw, source)
+        except ConfigError as e:
+            raise ConfigError(e.field, e.message, source) from None
+
+    def with_overrides(self, *, model: str | None = None, text: str | None = None) -> "Recipe":
+        """The same recipe with the model and/or text replaced (the CLI's --model / --data)."""
+        recipe = self
+        if model is not None:
+            recipe = dataclasses.replace(recipe, model=model)
+        if text is not None:
+            recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, text=text))
+        return recipe
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "data": dataclasses.asdict(self.data),
+            "stages": [s.as_dict() for s in self.stages],
+            "evaluate": dataclasses.asdict(self.evaluate),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.as_dict(), sort_keys=False)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical recipe: equal recipes (after overrides) have equal hashes."""
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+
+    def differences(self, other: "Recipe") -> list[str]:
+        """Top-level fields that differ, for a resume that must refuse a changed recipe."""
+        mine, theirs = self.as_dict(), other.as_dict()
+        return [key for key in mine if json.dumps(mine[key], sort_keys=True) != json.dumps(theirs.get(key), sort_keys=True)]
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe, JSON-safe copy of a raw config mapping."""
+    return json.loads(json.dumps(value, sort_keys=False, default=str))
+
+
+_TOP_FIELDS = ("model", "dtype", "seed", "data", "stages", "evaluate")
+
+
+def _parse(raw: Any, source: str | None) -> Recipe:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"a recipe is a mapping with the fields {', '.join(_TOP_FIELDS)}; got {type(raw).__name__}")
+    for key in raw:
+        if key not in _TOP_FIELDS:
+            raise ConfigError(str(key), f"unknown recipe field; known fields: {', '.join(_TOP_FIELDS)}")
+    model = _scalar(raw, "model", str, "default")
+    dtype = _scalar(raw, "dtype", str, "float32")
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    seed = _scalar(raw, "seed", int, 0)
+    data = _section(raw, "data", DataSpec)
+    if data.samples < 0:
+        raise ConfigError("data.samples", f"must be >= 0, got {data.samples}")
+    if data.seq_len < 2:
+        raise ConfigError("data.seq_len", f"must be >= 2, got {data.seq_len}")
+    evaluate = _section(raw, "evaluate", EvaluateSpec)
+    for name in ("windows", "seq_len", "batch_size"):
+        minimum = 0 if name == "windows" else 1
+        if getattr(evaluate, name) < minimum:
+            raise ConfigError(f"evaluate.{name}", f"must be >= {minimum}, got {getattr(evaluate, name)}")
+    stages = _stages(raw.get("stages"))
+    return Recipe(stages=stages, model=model, data=data, evaluate=evaluate, seed=seed, dtype=dtype, source=source)
+
+
+def _scalar(raw: Mapping, key: str, tp: type, default: Any) -> Any:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, tp) or isinstance(value, bool):
+        raise ConfigError(key, f"expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _section(raw: Mapping, key: str, cls: type) -> Any:
+    value = raw.get(key)
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {value!r}")
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, item in value.items():
+        if name not in hints:
+            raise ConfigError(f"{key}.{name}", f"unknown field; known fields: {', '.join(hints)}")
+        expected = int if hints[name] in ("int", int) else str
+        if not isinstance(item, expected) or isinstance(item, bool):
+            raise ConfigError(f"{key}.{name}", f"expected {expected.__name__}, got {item!r}")
+        kwargs[name] = item
+    return cls(**kwargs)
+
+
+def _stages(raw: Any) -> tuple[Stage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("stages", "expected a non-empty list of stages, each with `algorithm` and `config`")
+    stages = []
+    for i, item in enumerate(raw):
+        where = f"stages[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(where, f"expected a mapping with `algorithm` and `config`, got {item!r}")
+        for key in item:
+            if key not in ("algorithm", "config"):
+                raise ConfigError(f"{where}.{key}", "unknown stage field; known fields: algorithm, config")
+        algorithm = item.get("algorithm")
+        if algorithm not in ALGORITHMS:
+            raise ConfigError(f"{where}.algorithm", f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
+        raw_config = item.get("config") or {}
+        try:
+            config = ALGORITHMS[algorithm].from_dict(raw_config)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.config.{e.field}" if e.field else f"{where}.config", e.message) from None
+        stages.append(Stage(algorithm=algorithm, config=config, raw_config=_plain(raw_config)))
+    if len(stages) > 1:
+        raise ConfigError("stages", "one stage per recipe for now (kmeans); chaining stages comes with the calibration algorithms")
+    return tuple(stages)

@@ -1,0 +1,73 @@
+"""The CLI end to end on a tiny random Llama saved to a local folder."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, TINY_RECIPE
+
+
+def cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "llmpalette", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_compress_evaluate_report(tmp_path, tiny_recipe):
+    job = tmp_path / "job"
+    run = cli("compress", tiny_recipe, "--job-dir", job, "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "compressed 14 layers (14 computed, 0 kept" in run.stdout
+    report = json.loads((job / "report.json").read_text())
+    ev = report["evaluation"]
+    assert ev["windows"] == 4 and ev["seq_len"] == 64
+    assert ev["perplexity_before"] > 1 and ev["perplexity_after"] > 1
+    assert ev["text"]["rule"] and ev["text"]["source"] == "default"
+    size = report["size"]
+    assert size["compressed_bytes"] < size["float16_bytes"] and size["compression_ratio_vs_float16"] > 1
+    assert len(report["layers"]) == 14 and all(0 < layer["rel_sq_error"] < 1 for layer in report["layers"])
+    assert (job / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = cli("report", job)
+    assert printed.returncode == 0
+    assert printed.stdout == (job / "report.md").read_text()
+    assert "| compressed (after) |" in printed.stdout and "model.layers.1.mlp.down_proj" in printed.stdout
+    assert json.loads(cli("report", job, "--json").stdout)["size"] == size
+
+
+def test_model_and_data_overrides(tmp_path, tiny_recipe, tiny_llama_dir):
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog. " * 20 for i in range(60)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe.read_text().replace(str(tiny_llama_dir), "/does/not/exist"))
+    job = tmp_path / "job"
+    run = cli("compress", recipe, "--job-dir", job, "--model", tiny_llama_dir, "--data", text, "--quiet")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((job / "report.json").read_text())
+    assert report["evaluation"]["text"]["source"] == str(text)
+    assert json.loads((job / "manifest.json").read_text())["recipe"]["model"] == str(tiny_llama_dir)
+
+
+def test_bad_recipe_is_one_line_naming_file_and_field(tmp_path, tiny_recipe):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny_recipe.read_text().replace("group_size: 8", "group_size: 0"))
+    run = cli("compress", bad, "--job-dir", tmp_path / "job")
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr
+    assert f"{bad}: stages[0].config.global_config.group_size: must be a positive integer" in lines[0]
+
+
+@pytest.mark.parametrize("model, words", [
+    ("/does/not/exist.gguf", "/does/not/exist.gguf"),
+    ("no-such-org/no-such-model", "no-such-org/no-such-model"),
+])
+def test_bad_model_is_one_line(tmp_path, tiny_recipe, model, words):
+    run = cli("compress", tiny_recipe, "--job-dir", tmp_path / "job", "--model", model, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and words in run.stderr
+
+
+def test_report_of_a_non_job(tmp_path):
+    run = cli("report", tmp_path)
+    assert run.returncode == 2 and "not a job directory" in run.stderr
