@@ -6,7 +6,9 @@ model.embed_tokens skipped) on deep copies of the same float model. For each bit
 linear weights. Core ML Tools runs with its own defaults otherwise (enable_fast_kmeans_mode on, so it
 rounds weights to 4 decimals before clustering; one k-means worker): what a user gets out of the box.
 
-    python benchmarks/kmeans_vs_coremltools.py [--bits 4 3 2] [--windows 16] [--seq-len 512]
+From the repository root (or anywhere, with llmpalette installed):
+
+    python -m benchmarks.kmeans_vs_coremltools [--bits 4 3 2] [--windows 16] [--seq-len 512]
                                                [--skip-coremltools] [--json PATH]
 """
 from __future__ import annotations
@@ -15,7 +17,6 @@ import argparse
 import copy
 import gc
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -175,7 +176,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    logging.getLogger("coremltools").setLevel(logging.WARNING)  # its per-layer INFO lines drown the figures
+    # Core ML Tools reads this when it is imported; its per-layer INFO lines would drown the figures.
+    os.environ.setdefault("COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL", "warning")
     tools = [OURS] if args.skip_coremltools else [OURS, THEIRS]
     start = time.perf_counter()
     float_model, tokenizer = load_model("default", dtype=torch.float32)

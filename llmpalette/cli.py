@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"compress": _compress, "report": _report}[args.command](args)
     except LlmpaletteError as e:
-        print(f"llmpalette: error: {e}", file=sys.stderr)
+        print("llmpalette: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmpalette: interrupted; resume with --resume", file=sys.stderr)

@@ -48,26 +48,40 @@ def test_model_and_data_overrides(tmp_path, tiny_recipe, tiny_llama_dir):
     assert json.loads((job / "manifest.json").read_text())["recipe"]["model"] == str(tiny_llama_dir)
 
 
-def test_bad_recipe_is_one_line_naming_file_and_field(tmp_path, tiny_recipe):
+def run_main(capsys, *args):
+    from llmpalette.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bad_recipe_is_one_line_naming_file_and_field(tmp_path, tiny_recipe, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(tiny_recipe.read_text().replace("group_size: 8", "group_size: 0"))
-    run = cli("compress", bad, "--job-dir", tmp_path / "job")
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in run.stderr
-    assert f"{bad}: stages[0].config.global_config.group_size: must be a positive integer" in lines[0]
+    code, _, err = run_main(capsys, "compress", bad, "--job-dir", tmp_path / "job")
+    assert code == 2
+    assert err == f"llmpalette: error: {bad}: stages[0].config.global_config.group_size: must be a positive integer, got 0\n"
 
 
 @pytest.mark.parametrize("model, words", [
     ("/does/not/exist.gguf", "/does/not/exist.gguf"),
     ("no-such-org/no-such-model", "no-such-org/no-such-model"),
 ])
-def test_bad_model_is_one_line(tmp_path, tiny_recipe, model, words):
-    run = cli("compress", tiny_recipe, "--job-dir", tmp_path / "job", "--model", model, timeout=120)
-    assert run.returncode == 2, run.stderr
-    assert "Traceback" not in run.stderr and words in run.stderr
+def test_bad_model_is_one_line(tmp_path, tiny_recipe, capsys, model, words):
+    code, _, err = run_main(capsys, "compress", tiny_recipe, "--job-dir", tmp_path / "job", "--model", model)
+    assert code == 2
+    assert err.startswith("llmpalette: error: ") and err.count("\n") == 1 and words in err
 
 
-def test_report_of_a_non_job(tmp_path):
-    run = cli("report", tmp_path)
-    assert run.returncode == 2 and "not a job directory" in run.stderr
+def test_report_of_a_non_job(tmp_path, capsys):
+    code, _, err = run_main(capsys, "report", tmp_path)
+    assert code == 2 and "not a job directory" in err
+
+
+def test_job_dir_in_use_needs_resume(tmp_path, tiny_recipe, capsys):
+    assert run_main(capsys, "compress", tiny_recipe, "--job-dir", tmp_path / "job", "--no-eval", "--quiet")[0] == 0
+    code, _, err = run_main(capsys, "compress", tiny_recipe, "--job-dir", tmp_path / "job", "--no-eval", "--quiet")
+    assert code == 2 and "pass --resume" in err
+    code, out, _ = run_main(capsys, "compress", tiny_recipe, "--job-dir", tmp_path / "job", "--no-eval", "--quiet", "--resume")
+    assert code == 0 and "(0 computed, 14 kept from an earlier run)" in out

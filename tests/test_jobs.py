@@ -98,7 +98,7 @@ model: {model}
 stages:
   - algorithm: kmeans
     config:
-      global_config: {{n_bits: 8, granularity: per_tensor, cluster_dim: 2, weight_threshold: 0}}
+      global_config: {{n_bits: 8, granularity: per_tensor, weight_threshold: 0}}
       module_name_configs: {{lm_head: null, model.embed_tokens: null}}
 evaluate: {{windows: 0}}
 """

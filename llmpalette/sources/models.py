@@ -134,8 +134,9 @@ def _default_model() -> ModelSource:
 
 def _load_failure(source: ModelSource, error: Exception) -> str:
     if source.kind == "hub":
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return (f"could not load model '{source.spec}' from the Hugging Face hub (offline or not found): "
-                f"{error}; pass a local folder or a .gguf file")
+                f"{reason}; pass a local folder or a .gguf file")
     if source.kind == "gguf" and isinstance(error, ImportError):
         return f"could not load model '{source.spec}': {error}; install the reader with `pip install gguf`"
     where = Path(source.location) / (source.gguf_file or "")
