@@ -43,6 +43,7 @@ OURS = "llmpalette"
 THEIRS = "coremltools"
 PERPLEXITY_TARGET = 1.01  # ours at most 1% above theirs
 SPEEDUP_TARGET = 5.0  # ours at least 5x faster
+THREADING_ENVIRONMENT = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Result:
     seconds: float
     perplexity: float
     relative_error: float
+    load_average: float  # 1-minute load average just before compress
 
 
 def palettizer_config(n_bits: int) -> dict:
@@ -109,28 +111,49 @@ def warm_up(model: nn.Module, n_bits: int) -> float:
 
 def run_tool(tool: str, float_model: nn.Module, n_bits: int, windows: torch.Tensor, names: list[str]) -> Result:
     model = copy.deepcopy(float_model)
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     model = COMPRESSORS[tool](model, n_bits)
     seconds = time.perf_counter() - start
     changed = changed_layers(float_model, model, names)
     error = relative_squared_error(float_model, model, names)
     ppl = perplexity(model, windows, batch_size=4)
-    print(f"  {n_bits}-bit {tool}: compress {seconds:.1f} s, {changed}/{len(names)} linear layers changed, "
-          f"rel. sq. error {error:.4%}, perplexity {ppl:.3f}", flush=True)
+    print(f"  {n_bits}-bit {tool}: compress {seconds:.1f} s (1-min load average before: {load:.2f}), "
+          f"{changed}/{len(names)} linear layers changed, rel. sq. error {error:.6e}, perplexity {ppl:.3f}", flush=True)
     del model
     gc.collect()
-    return Result(n_bits, tool, seconds, ppl, error)
+    return Result(n_bits, tool, seconds, ppl, error, load)
 
 
-def print_setup(windows_description: dict, tools: list[str], bits: list[int]) -> None:
-    print("## Machine")
-    print(f"- cpu count {os.cpu_count()}, torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}")
-    print(f"- torch {torch.__version__}, numba {numba.__version__}", end="")
+def numba_threading_layer() -> str:
+    """The layer numba's parallel kernels run on (omp, tbb, workqueue); known once one has run."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "none started"
+
+
+def machine_facts(tools: list[str]) -> dict:
+    """Cores, threads, the threading environment and versions; call after numba has run a parallel kernel."""
+    facts = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": numba_threading_layer(),
+        "environment": {name: os.environ.get(name) for name in THREADING_ENVIRONMENT},
+        "versions": {"torch": torch.__version__, "numba": numba.__version__},
+    }
     if THEIRS in tools:
         import coremltools
 
-        print(f", coremltools {coremltools.__version__}", end="")
-    print()
+        facts["versions"]["coremltools"] = coremltools.__version__
+    return facts
+
+
+def print_setup(machine: dict, windows_description: dict, tools: list[str], bits: list[int]) -> None:
+    print("## Machine")
+    for key, value in machine.items():
+        print(f"- {key}: {json.dumps(value)}")
     print("## Text")
     print(f"- {json.dumps(windows_description)}")
     print("## Settings")
@@ -139,29 +162,31 @@ def print_setup(windows_description: dict, tools: list[str], bits: list[int]) ->
     if THEIRS in tools:
         print("- Core ML Tools runs with its defaults otherwise: enable_fast_kmeans_mode=True (weights rounded to "
               "4 decimals before k-means), rounding_precision=4, compress(num_kmeans_workers=1)")
+    print("- compress seconds: wall time of compress alone; the machine may be shared, see the load averages")
     print(flush=True)
 
 
 def print_table(float_ppl: float, results: list[Result]) -> None:
     print(f"\n## Results (float perplexity {float_ppl:.3f})\n")
-    print("| bits | tool | compress seconds | perplexity | ppl / float | rel. sq. error |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| bits | tool | compress seconds | load avg before | perplexity | ppl / float | rel. sq. error |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r.bits} | {r.tool} | {r.seconds:.1f} | {r.perplexity:.3f} | {r.perplexity / float_ppl:.3f} | "
-              f"{r.relative_error:.4%} |")
+        print(f"| {r.bits} | {r.tool} | {r.seconds:.1f} | {r.load_average:.2f} | {r.perplexity:.3f} | "
+              f"{r.perplexity / float_ppl:.3f} | {r.relative_error:.6e} |")
     by_key = {(r.bits, r.tool): r for r in results}
     bits = sorted({r.bits for r in results}, reverse=True)
     if not all((b, THEIRS) in by_key for b in bits):
         return
     print("\n## llmpalette against Core ML Tools\n")
-    print("| bits | our ppl vs theirs | speedup (their s / our s) | ppl target (<= +1%) | speed target (>= 5x) |")
-    print("|---:|---:|---:|---|---|")
+    print("| bits | our ppl vs theirs | our rel. sq. error vs theirs | speedup (their s / our s) "
+          "| ppl target (<= +1%) | speed target (>= 5x) |")
+    print("|---:|---:|---:|---:|---|---|")
     for b in bits:
         ours, theirs = by_key[(b, OURS)], by_key[(b, THEIRS)]
         ratio = ours.perplexity / theirs.perplexity
         speedup = theirs.seconds / ours.seconds
-        print(f"| {b} | {ratio - 1:+.2%} | {speedup:.1f}x | {'met' if ratio <= PERPLEXITY_TARGET else 'MISSED'} | "
-              f"{'met' if speedup >= SPEEDUP_TARGET else 'MISSED'} |")
+        print(f"| {b} | {ratio - 1:+.2%} | {ours.relative_error / theirs.relative_error - 1:+.2e} | {speedup:.1f}x | "
+              f"{'met' if ratio <= PERPLEXITY_TARGET else 'MISSED'} | {'met' if speedup >= SPEEDUP_TARGET else 'MISSED'} |")
 
 
 def parse_args() -> argparse.Namespace:
@@ -184,9 +209,10 @@ def main() -> None:
     text = build_windows(tokenizer, "default", seq_len=args.seq_len, calibration_samples=0,
                          evaluation_windows=args.windows)
     print(f"model loaded and text tokenized in {time.perf_counter() - start:.1f} s\n")
-    print_setup(text.description, tools, args.bits)
     names = compressed_linear_names(float_model)
     warm_up_seconds = warm_up(float_model, args.bits[0])
+    machine = machine_facts(tools)
+    print_setup(machine, text.description, tools, args.bits)
     print(f"llmpalette warm-up (numba compile or cache load, untimed below): {warm_up_seconds:.1f} s", flush=True)
     float_ppl = perplexity(float_model, text.evaluation, batch_size=4)
     print(f"float perplexity {float_ppl:.3f}", flush=True)
@@ -197,8 +223,7 @@ def main() -> None:
             "float_perplexity": float_ppl,
             "warm_up_seconds": warm_up_seconds,
             "text": text.description,
-            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "numba_threads": numba.get_num_threads()},
+            "machine": machine,
             "configs": [palettizer_config(b) for b in args.bits],
             "results": [asdict(r) for r in results],
         }, indent=2))

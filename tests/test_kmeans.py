@@ -356,6 +356,11 @@ def test_vector_kmeans_fewer_distinct_points_than_k():
     centroids, labels = kmeans_vector(x, 8)
     assert centroids[0].tolist() == [[0.0, 2.0], [1.0, 0.0], [5.0, 5.0]] + [[5.0, 5.0]] * 5
     assert labels.tolist() == [[1, 0, 1, 0, 2]]
+    # values whose repeated mean would round: the centroids are the points themselves, bit for bit
+    x = torch.tensor([[[0.1, 0.3], [0.7, 0.2], [0.1, 0.3], [0.7, 0.2], [0.1, 0.3], [0.1, 0.3], [0.1, 0.3]]])
+    centroids, labels = kmeans_vector(x, 3)
+    assert torch.equal(centroids[0], x[0, [0, 1, 1]])
+    assert labels.tolist() == [[0, 1, 0, 1, 0, 0, 0]]
 
 
 def test_vector_kmeans_in_one_dimension_is_close_to_the_exact_optimum():

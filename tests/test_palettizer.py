@@ -161,3 +161,13 @@ def test_deterministic_bytes():
     cfg = ModuleCfg(n_bits=3, granularity="per_grouped_channel", group_size=4, cluster_dim=2)
     a, b = palettize_weight(w, cfg, seed=5), palettize_weight(w, cfg, seed=5)
     assert all(torch.equal(a.to_tensors("w")[k], b.to_tensors("w")[k]) for k in a.to_tensors("w"))
+
+
+def test_nearest_assignment_picks_the_first_of_equal_entries_and_lowest_on_ties():
+    from llmpalette.maths.assign import nearest
+
+    lut = torch.tensor([[[-1.0], [0.0], [0.0], [1.0]]])
+    values = torch.tensor([[[-0.5], [-0.1], [0.0], [0.2], [0.5], [2.0]]])
+    assert nearest(values, lut).tolist() == [[0, 1, 1, 1, 1, 3]]
+    shuffled = lut[:, [3, 1, 0, 2]]  # unsorted LUT: 1, 0, -1, 0; a tie goes to the smaller value
+    assert nearest(values, shuffled).tolist() == [[2, 1, 1, 1, 1, 0]]

@@ -149,13 +149,20 @@ def plot_layer_errors(layers: list[dict[str, Any]], *, title: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(layers) + 4), 4), dpi=100)
     errors = [layer["rel_sq_error"] for layer in layers]
-    ax.bar(range(len(errors)), errors, color="#3b6ea8", width=0.8)
+    kinds = [layer["name"].rsplit(".", 1)[-1] for layer in layers]  # q_proj, down_proj, ...
+    palette = plt.get_cmap("tab10")
+    colours = {kind: palette(i % 10) for i, kind in enumerate(dict.fromkeys(kinds))}
+    ax.bar(range(len(errors)), errors, color=[colours[k] for k in kinds], width=0.8)
     ax.set_yscale("log" if errors and min(errors) > 0 else "linear")
     ax.set_xlabel("layer (model order)")
     ax.set_ylabel("||W - W_hat||² / ||W||²")
     ax.set_title(title, fontsize=9)
     if len(layers) <= 40:
         ax.set_xticks(range(len(layers)), [layer["name"] for layer in layers], rotation=90, fontsize=6)
+    if 1 < len(colours) <= 10:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=c, label=k) for k, c in colours.items()], fontsize=7, ncols=min(4, len(colours)))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})

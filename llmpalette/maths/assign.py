@@ -14,7 +14,12 @@ def nearest_sorted_1d(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """
     lut64 = lut.to(torch.float64)
     mids = (lut64[:, 1:] + lut64[:, :-1]) * 0.5  # [G, K-1]
-    return torch.searchsorted(mids.contiguous(), values.to(torch.float64).contiguous(), side="left")
+    labels = torch.searchsorted(mids.contiguous(), values.to(torch.float64).contiguous(), side="left")
+    positions = torch.arange(lut.shape[1], device=lut.device).expand_as(lut)
+    starts = torch.ones_like(lut, dtype=torch.bool)
+    starts[:, 1:] = lut64[:, 1:] != lut64[:, :-1]
+    first_equal = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values  # [G, K]
+    return torch.gather(first_equal, 1, labels)
 
 
 def nearest_vectors(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -34,7 +39,11 @@ def nearest_vectors(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def nearest(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """values [G, n, d], lut [G, K, d] -> labels [G, n]: the nearest LUT entry of each value/vector."""
+    """values [G, n, d], lut [G, K, d] -> labels [G, n]: the nearest LUT entry of each value/vector.
+
+    Scalar LUTs: on a tie the smaller value wins, among equal entries the first (so, in a sorted
+    LUT, the lowest index); vectors: the lowest index.
+    """
     if values.shape[-1] == 1:
         scalar_lut = lut[..., 0]
         if bool((scalar_lut[:, 1:] >= scalar_lut[:, :-1]).all()):

@@ -230,7 +230,7 @@ def _optimal_splits(P0, P1, P2, m, k, E, D_prev, D_cur, T, scratch):
         Tp = T[j - 1]
         while h >= 1:
             for i in range(h - 1, R, 2 * h):
-                t = np.uint64(tlo + i)
+                t = np.uint64(tlo + i)  # unsigned, as in _argmin_short
                 lo = np.int64(Tj[t - np.uint64(h)]) if i >= h else j - 1
                 hi = np.int64(Tj[t + np.uint64(h)]) if i + h < R else thi - 1
                 hi = min(hi, np.int64(t) - 1)

@@ -44,8 +44,10 @@ def kmeans_vector(
     draws = _seeding_draws(x.shape[0], k, seed).to(x.device)
     centroids = torch.empty(x.shape[0], k, x.shape[2], dtype=torch.float32, device=x.device)
     for chunk in _chunks(x.shape, k):
-        seeds = _seed_chunk(x[chunk], w[chunk], draws[:, chunk], k)
-        centroids[chunk] = _lloyd(x[chunk], w[chunk], seeds, max_iter, tol)
+        seeds, exhausted = _seed_chunk(x[chunk], w[chunk], draws[:, chunk], k)
+        todo = ~exhausted  # groups with at least k distinct points; the others are final
+        seeds[todo] = _lloyd(x[chunk][todo], w[chunk][todo], seeds[todo], max_iter, tol)
+        centroids[chunk] = seeds
     return centroids, nearest_vectors(x, centroids)
 
 
@@ -67,7 +69,7 @@ def kmeans_plusplus(
     draws = _seeding_draws(x.shape[0], k, seed).to(x.device)
     centroids = torch.empty(x.shape[0], k, x.shape[2], dtype=torch.float32, device=x.device)
     for chunk in _chunks(x.shape, k):
-        centroids[chunk] = _seed_chunk(x[chunk], w[chunk], draws[:, chunk], k)
+        centroids[chunk] = _seed_chunk(x[chunk], w[chunk], draws[:, chunk], k)[0]
     return centroids
 
 
@@ -90,8 +92,9 @@ def _chunks(shape: torch.Size, k: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, G, step)]
 
 
-def _seed_chunk(x: torch.Tensor, w: torch.Tensor, draws: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy k-means++ on x [g, n, d], w [g, n] with draws [k, g, trials] -> [g, k, d]."""
+def _seed_chunk(x: torch.Tensor, w: torch.Tensor, draws: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy k-means++ on x [g, n, d], w [g, n] with draws [k, g, trials] -> (centroids
+    [g, k, d], exhausted [g] bool: the group has fewer than k distinct points)."""
     g, n, d = x.shape
     rows = torch.arange(g, device=x.device)
     centroids = torch.empty(g, k, d, dtype=torch.float32, device=x.device)
@@ -113,7 +116,7 @@ def _seed_chunk(x: torch.Tensor, w: torch.Tensor, draws: torch.Tensor, k: int) -
         mass = w * nearest_sq
     for i in exhausted.nonzero()[:, 0].tolist():
         centroids[i] = _distinct_padded(x[i][w[i] > 0], k)
-    return centroids
+    return centroids, exhausted
 
 
 def _check_inputs(values: torch.Tensor, k: int, weights: torch.Tensor | None, max_iter: int, tol: float) -> None:
@@ -171,7 +174,7 @@ def _lloyd(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, max_iter: 
         filled = mass > 0
         centroids = torch.where(filled[..., None], sums / mass.clamp(min=torch.finfo(x.dtype).tiny)[..., None], centroids)
         if not bool(filled.all()):
-            centroids = _reseed_empty(x, w, centroids, nearest_dist, filled)
+            centroids = _reseed_empty(x, w, centroids, labels, filled)
     return centroids
 
 
@@ -183,13 +186,14 @@ def _squared_distances(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Ten
 
 
 def _reseed_empty(
-    x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, nearest_dist: torch.Tensor, filled: torch.Tensor
+    x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, filled: torch.Tensor
 ) -> torch.Tensor:
-    """Move the empty clusters of a group to its points of largest weighted distance to their
-    centroid (largest first, ties to the lower index), one point per cluster. Only points with
-    a positive weighted distance qualify; an empty cluster without one keeps its centroid."""
+    """Move the empty clusters of a group to its points of largest weighted squared distance to
+    their own centroid (largest first, ties to the lower index), one point per cluster. Only
+    points with a positive distance qualify; an empty cluster without one keeps its centroid."""
     centroids = centroids.clone()
-    far = w * nearest_dist  # [g, n]
+    own = torch.gather(centroids, 1, labels[..., None].expand(-1, -1, x.shape[2]))  # [g, n, d]
+    far = w * ((x - own) ** 2).sum(dim=-1)  # [g, n]
     farthest = torch.sort(far, dim=1, descending=True, stable=True).indices  # [g, n]
     for g in (~filled).any(dim=1).nonzero()[:, 0].tolist():
         empty = (~filled[g]).nonzero()[:, 0]
