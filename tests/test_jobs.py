@@ -107,7 +107,7 @@ evaluate: {{windows: 0}}
 def test_sigkill_mid_job_then_resume_is_byte_identical(tmp_path):
     """A real subprocess is killed with SIGKILL part-way; --resume finishes with the same bytes."""
     model_dir = tmp_path / "model"
-    tiny_llama(seed=3, hidden=128, layers=4).save_pretrained(model_dir)
+    tiny_llama(seed=3, hidden=128, layers=6).save_pretrained(model_dir)
     from tests.conftest import byte_tokenizer
     byte_tokenizer().save_pretrained(model_dir)
     recipe_path = tmp_path / "slow.yaml"
@@ -132,7 +132,7 @@ def test_sigkill_mid_job_then_resume_is_byte_identical(tmp_path):
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; make it slower"
-    units_total = 28
+    units_total = 42
     assert done < units_total
     resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

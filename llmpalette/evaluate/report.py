@@ -22,12 +22,16 @@ from llmpalette.sources.text import build_windows
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
 
-def build_report(job_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a finished job and write report.json / report.md / report.png into it."""
+def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | None = None) -> dict[str, Any]:
+    """Evaluate a finished job and write report.json / report.md / report.png into it.
+
+    `loaded`: (model, tokenizer) of the job's float source model, if the caller has them already;
+    the model's compressed weights are overwritten by the job's decoded ones.
+    """
     job_dir = Path(job_dir)
     manifest = Manifest.load(job_dir)
     recipe = manifest.data["recipe"]
-    model, tokenizer = load_model(recipe["model"], dtype=DTYPES[recipe["dtype"]])
+    model, tokenizer = loaded or load_model(recipe["model"], dtype=DTYPES[recipe["dtype"]])
     baseline_bytes = parameter_bytes(model, 2)
     evaluation: dict[str, Any] = {"windows": recipe["evaluate"]["windows"], "seq_len": recipe["evaluate"]["seq_len"]}
     windows = None
