@@ -31,19 +31,17 @@ def _parser() -> argparse.ArgumentParser:
 def _compress(args) -> int:
     from llmpalette import distributed
     from llmpalette.evaluate.report import build_report
-    from llmpalette.jobs.runner import DTYPES, run_job
+    from llmpalette.jobs.runner import run_job
     from llmpalette.recipe import Recipe
-    from llmpalette.sources.models import load_model
 
     recipe = Recipe.from_yaml(args.recipe).with_overrides(model=args.model, text=args.data)
     with distributed.world() as world:
-        loaded = load_model(recipe.model, dtype=DTYPES[recipe.dtype])
-        summary = run_job(recipe, args.job_dir, resume=args.resume, world=world, progress=not args.quiet, model=loaded[0])
+        summary = run_job(recipe, args.job_dir, resume=args.resume, world=world, progress=not args.quiet)
         if world.is_main:
             print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run) "
                   f"on {world.world_size} rank(s) in {summary.seconds:.1f} s -> {summary.job_dir}")
             if not args.no_eval:
-                report = build_report(args.job_dir, progress=not args.quiet, loaded=loaded)
+                report = build_report(args.job_dir, progress=not args.quiet, loaded=summary.loaded)
                 _print_summary(report)
     return 0
 

@@ -142,3 +142,17 @@ def test_sigkill_mid_job_then_resume_is_byte_identical(tmp_path):
     ours = Manifest.load(job).units(0)
     theirs = Manifest.load(reference).units(0)
     assert {n: u["files"] for n, u in ours.items()} == {n: u["files"] for n, u in theirs.items()}
+
+
+def test_resume_checks_the_model_fingerprint_not_its_path(tmp_path, tiny_llama_dir):
+    job = tmp_path / "job"
+    run_job(recipe_for(tiny_llama_dir), job, progress=False)
+    manifest = Manifest.load(job)
+    manifest.data["model"]["location"] = "/another/machine/model"
+    manifest.save()
+    assert run_job(recipe_for(tiny_llama_dir), job, resume=True, progress=False).kept == 14
+    manifest = Manifest.load(job)
+    manifest.data["model"]["config_sha256"] = "0" * 64
+    manifest.save()
+    with pytest.raises(JobError, match="fingerprint changed"):
+        run_job(recipe_for(tiny_llama_dir), job, resume=True, progress=False)

@@ -9,7 +9,7 @@ because every unit's maths is deterministic).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class RunSummary:
     computed: int       # units compressed in this run
     kept: int           # intact units from an earlier run, not redone
     seconds: float
+    loaded: tuple | None = field(default=None, repr=False, compare=False)  # (model, tokenizer) as loaded, unmodified
 
 
 def layer_path(unit_name: str) -> str:
@@ -53,20 +54,21 @@ def run_job(
     resume: bool = False,
     world: World | None = None,
     progress: bool = True,
-    model: torch.nn.Module | None = None,
+    loaded: tuple | None = None,
 ) -> RunSummary:
     """Run (or resume) the compression stages of `recipe` into `job_dir`.
 
-    `model`: the recipe's model, already loaded (as `load_model(recipe.model)` gives it), to save a
-    second load; it is read, never modified.
+    `loaded`: (model, tokenizer) of the recipe's model if the caller has them; otherwise they are
+    loaded once the job directory is known to be usable. Either way they are read, never modified,
+    and returned in the summary for a caller that evaluates next.
     """
     world = world or World(0, 1, torch.device("cpu"))
     job_dir = Path(job_dir)
     started = time.perf_counter()
     source = resolve_model(recipe.model)
     manifest = _open_manifest(recipe, job_dir, source.identity() if world.is_main else None, resume, world)
-    if model is None:
-        model, _ = load_model(source, dtype=DTYPES[recipe.dtype])
+    loaded = loaded or load_model(source, dtype=DTYPES[recipe.dtype])
+    model = loaded[0]
     computed = kept = 0
     total = 0
     for index, stage in enumerate(recipe.stages):
@@ -82,7 +84,7 @@ def run_job(
             manifest.set_stage_status(index, "done")
             manifest.save()
     distributed.barrier()
-    return RunSummary(job_dir, total, computed, kept, time.perf_counter() - started)
+    return RunSummary(job_dir, total, computed, kept, time.perf_counter() - started, loaded)
 
 
 def _open_manifest(recipe: Recipe, job_dir: Path, identity: dict | None, resume: bool, world: World) -> Manifest:
@@ -112,7 +114,7 @@ def _prepare(recipe: Recipe, job_dir: Path, identity: dict, resume: bool, world:
                 f"cannot resume {job_dir}: the recipe changed ({fields} differ from the job's recipe.yaml); "
                 "results of two recipes are never mixed: use a new --job-dir, or resume with the same recipe"
             )
-        if manifest.data["model"] != identity:
+        if _fingerprint(manifest.data["model"]) != _fingerprint(identity):
             raise JobError(f"cannot resume {job_dir}: the model '{recipe.model}' is not the one this job started with (its fingerprint changed)")
         remove_temporaries(job_dir)
     else:
@@ -121,6 +123,11 @@ def _prepare(recipe: Recipe, job_dir: Path, identity: dict, resume: bool, world:
     manifest.start_run(world.world_size, resumed=resume)
     manifest.save()
     return manifest
+
+
+def _fingerprint(identity: dict) -> dict:
+    """A model identity without where it lies: the same file moved or on another machine is the same model."""
+    return {key: value for key, value in identity.items() if key != "location"}
 
 
 def _run_stage(model, plan: list[PlannedUnit], index: int, recipe: Recipe, manifest: Manifest, world: World, progress: bool) -> tuple[int, int]:
