@@ -85,3 +85,17 @@ def test_job_dir_in_use_needs_resume(tmp_path, tiny_recipe, capsys):
     assert code == 2 and "pass --resume" in err
     code, out, _ = run_main(capsys, "compress", tiny_recipe, "--job-dir", tmp_path / "job", "--no-eval", "--quiet", "--resume")
     assert code == 0 and "(0 computed, 14 kept from an earlier run)" in out
+
+
+def test_report_warns_about_layers_that_grew():
+    from llmpalette.evaluate.report import format_report
+
+    layer = {"name": "a.q_proj", "tied_names": [], "shape": [4, 8], "n_bits": 8, "granularity": "per_channel",
+             "group_size": None, "rel_sq_error": 1e-5, "nbytes": 1100, "fp16_bytes": 64}
+    report = {"job_dir": "j", "model": {"spec": "m", "kind": "folder"}, "stages": [], "world_size": 1,
+              "compression_seconds": 0.1, "evaluation": {"windows": 0, "seq_len": 8},
+              "size": {"float16_bytes": 64, "compressed_bytes": 1100, "compression_ratio_vs_float16": 64 / 1100},
+              "layers": [layer]}
+    assert "**Warning:** 1 layer(s) are not smaller than in float16 (e.g. `a.q_proj`)" in format_report(report)
+    layer["nbytes"] = 40
+    assert "Warning" not in format_report(report)

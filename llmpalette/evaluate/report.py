@@ -126,6 +126,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"| compressed | {size['compressed_bytes']:,} |",
         f"| compression ratio vs float16 | {size['compression_ratio_vs_float16']:.3f} |",
         "",
+    ]
+    grown = [layer["name"] for layer in report["layers"] if layer["nbytes"] >= layer["fp16_bytes"]]
+    if grown:
+        lines += [
+            f"**Warning:** {len(grown)} layer(s) are not smaller than in float16 (e.g. `{grown[0]}`): their LUTs "
+            "outweigh the indices they save. Use larger groups, fewer bits, or lut_dtype float16 / int8.",
+            "",
+        ]
+    lines += [
         "## Layers",
         "",
         "| layer | shape | bits | granularity | group | rel. sq. error | bytes | float16 bytes |",
