@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from llmpalette.config import OptimizationConfig
@@ -29,7 +30,7 @@ from llmpalette.palettization.post_training import PostTrainingPalettizerConfig
 ALGORITHMS: dict[str, type[OptimizationConfig]] = {
     "kmeans": PostTrainingPalettizerConfig,
 }
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` -> load dtype
 
 
 @dataclass(frozen=True)

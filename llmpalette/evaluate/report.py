@@ -13,7 +13,7 @@ from typing import Any
 from llmpalette.jobs.compressed import apply_job
 from llmpalette.jobs.files import atomic_write_bytes, atomic_write_text
 from llmpalette.jobs.manifest import Manifest
-from llmpalette.jobs.runner import DTYPES
+from llmpalette.recipe import DTYPES
 from llmpalette.evaluate.perplexity import perplexity
 from llmpalette.modules import parameter_bytes
 from llmpalette.sources.models import load_model

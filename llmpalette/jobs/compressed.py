@@ -8,7 +8,8 @@ from torch import nn
 
 from llmpalette.errors import JobError
 from llmpalette.jobs.manifest import Manifest
-from llmpalette.jobs.runner import DTYPES, read_unit
+from llmpalette.jobs.runner import read_unit
+from llmpalette.recipe import DTYPES
 from llmpalette.layout.palettized import PalettizedWeight
 from llmpalette.sources.models import load_model
 

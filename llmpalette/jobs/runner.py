@@ -23,14 +23,13 @@ from llmpalette.jobs.manifest import Manifest
 from llmpalette.layout.palettized import PalettizedWeight
 from llmpalette.modules import get_weight
 from llmpalette.palettization.post_training import PlannedUnit, palettize_weight, plan_units, relative_error
-from llmpalette.recipe import Recipe
+from llmpalette.recipe import DTYPES, Recipe
 from llmpalette.sources.models import load_model, resolve_model
 
 LAYERS = "layers"
 # The manifest is rewritten at most this often while units finish (and always at a stage's end):
 # a unit whose file is complete but not yet recorded is simply redone on resume, byte-identically.
 MANIFEST_INTERVAL_S = 1.0
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

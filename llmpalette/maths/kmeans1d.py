@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from llmpalette.maths.assign import nearest_sorted_1d
+
 BACKENDS = ("auto", "numba", "torch")
 
 # numba's default OpenMP layer loads the system libgomp next to torch's own copy; on a busy machine
@@ -69,7 +71,7 @@ def kmeans_1d(
     x = values.detach().to(torch.float64)
     w = None if weights is None else weights.detach().to(device=x.device, dtype=torch.float64)
     centroids = _centroids_torch(x, w, k)
-    return centroids, _nearest_labels_torch(x, centroids)
+    return centroids, nearest_sorted_1d(x, centroids)
 
 
 def _check_inputs(values: torch.Tensor, k: int, weights: torch.Tensor | None, backend: str) -> None:
@@ -450,17 +452,6 @@ def _window_argmin(E, P0, P1, gi, t, lo, hi):
     hit = torch.where(v == best[row], s, torch.iinfo(torch.int64).max)
     arg = torch.full_like(lo, torch.iinfo(torch.int64).max).scatter_reduce(0, row, hit, reduce="amin")
     return best, arg
-
-
-def _nearest_labels_torch(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """x [G, n], sorted centroids c [G, k] -> labels [G, n]: as `_nearest_labels`, batched."""
-    mids = (c[:, 1:] + c[:, :-1]) * 0.5  # [G, k-1]
-    labels = torch.searchsorted(mids.contiguous(), x.contiguous(), side="left")
-    index = torch.arange(c.shape[1], device=c.device).expand_as(c)
-    starts = torch.ones_like(c, dtype=torch.bool)
-    starts[:, 1:] = c[:, 1:] != c[:, :-1]
-    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
-    return torch.gather(first, 1, labels)
 
 
 def _backtrack_torch(P0, P1, T, m, k, mean):
