@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ import torch
 import yaml
 
 from llmpalette.errors import ConfigError
+from llmpalette.modules import SUPPORTED_MODULES
 
 
 def _type_name(tp: Any) -> str:
@@ -140,13 +142,23 @@ ModuleConfigValue = Union[ModuleOptimizationConfig, None, list]
 class OptimizationConfig:
     """Model-level config: which modules get which `ModuleOptimizationConfig`.
 
-    Resolution for a module, most specific first: `module_name_configs[name]` (exact, fully qualified
-    name as in `model.get_submodule`), then `module_type_configs[type]` (class, class name or dotted
-    path; a list picks the entry by `weight_threshold`, as Core ML Tools does), then `global_config`.
+    Resolution for a module, as in Core ML Tools' `OptimizationConfig.get_module_config`:
+    1. `module_name_configs`: keys are regular expressions matched against the whole module name
+       (`re.fullmatch`, so `model.layers.\\d+.mlp.up_proj` configures every block's up_proj); the
+       first matching key, in insertion order, wins.
+    2. `module_type_configs`: a class key (`torch.nn.Linear`) beats a name key (`"Linear"`, or a
+       dotted path); a list of configs picks its entry by `weight_threshold`.
+    3. `global_config`.
     `None` at any level means: do not compress this module.
+
+    Checked where the config enters (`from_dict`, the constructor): keys that are not valid regular
+    expressions, type keys that name no supported module type, and one type configured differently
+    under its class and its name. Checked against a model (`check_model`): name keys that match no
+    module, and custom type names that match no supported module of the model.
     """
 
     module_config_class: ClassVar[type[ModuleOptimizationConfig]] = ModuleOptimizationConfig
+    supported_modules: ClassVar[tuple[type[torch.nn.Module], ...]] = SUPPORTED_MODULES
 
     global_config: ModuleOptimizationConfig | None = None
     module_type_configs: dict[Any, ModuleConfigValue] = dataclasses.field(default_factory=dict)
@@ -155,6 +167,11 @@ class OptimizationConfig:
     def __post_init__(self) -> None:
         if self.global_config is None and not self.module_type_configs and not self.module_name_configs:
             self.global_config = self.module_config_class()
+        for key in self.module_name_configs:
+            _compile_name_key(key)
+        for key in self.module_type_configs:
+            self._check_type_key(key)
+        self._check_type_conflicts()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -173,7 +190,7 @@ class OptimizationConfig:
             global_config = _module_from_dict(module_cls, config_dict["global_config"], "global_config")
         type_configs = {}
         for key, value in _mapping(config_dict.get("module_type_configs"), "module_type_configs").items():
-            field = f"module_type_configs.{key}"
+            field = f"module_type_configs.{_type_key(key)}"
             if isinstance(value, list):
                 type_configs[key] = [_module_from_dict(module_cls, v, f"{field}[{i}]") for i, v in enumerate(value)]
             else:
@@ -181,7 +198,9 @@ class OptimizationConfig:
         name_configs = {}
         for key, value in _mapping(config_dict.get("module_name_configs"), "module_name_configs").items():
             field = f"module_name_configs.{key}"
-            name_configs[str(key)] = None if value is None else _module_from_dict(module_cls, value, field)
+            if not isinstance(key, str):
+                raise ConfigError(field, f"keys are module names (regular expressions), got {key!r}")
+            name_configs[key] = None if value is None else _module_from_dict(module_cls, value, field)
         config = cls(global_config=global_config, module_type_configs=type_configs, module_name_configs=name_configs)
         if "global_config" in config_dict and config_dict["global_config"] is None:
             config.global_config = None
@@ -208,28 +227,126 @@ class OptimizationConfig:
         return self
 
     def set_module_type(self, object_type: type | str, opt_config: ModuleConfigValue) -> "OptimizationConfig":
+        """Configure a module type; as in Core ML Tools, a class key later beats a name key for the same type."""
+        self._check_type_key(object_type)
         self.module_type_configs[object_type] = opt_config
         return self
 
     def set_module_name(self, module_name: str, opt_config: ModuleOptimizationConfig | None) -> "OptimizationConfig":
+        _compile_name_key(module_name)
         self.module_name_configs[module_name] = opt_config
         return self
 
     # -- resolution ---------------------------------------------------------------------------
     def get_module_config(self, name: str, module: torch.nn.Module) -> ModuleOptimizationConfig | None:
-        if name in self.module_name_configs:
-            return self.module_name_configs[name]
-        for key, value in self.module_type_configs.items():
-            if _type_matches(key, module):
-                return _pick_by_threshold(value, module) if isinstance(value, list) else value
-        return self.global_config
+        return self.resolve(name, module)[0]
 
-    def check_names(self, model: torch.nn.Module) -> None:
-        """Every name in module_name_configs must be a module of `model` (a typo would silently compress it)."""
-        names = {n for n, _ in model.named_modules()}
+    def resolve(self, name: str, module: torch.nn.Module) -> tuple[ModuleOptimizationConfig | None, str]:
+        """(the module's config, which entry decided it: `module_name_configs['KEY']`, ...)."""
+        key = self.name_key_for(name)
+        if key is not None:
+            return self.module_name_configs[key], f"module_name_configs['{key}']"
+        for by_class in (True, False):
+            for key, value in self.module_type_configs.items():
+                if isinstance(key, type) == by_class and _type_matches(key, module):
+                    where = f"module_type_configs['{_type_key(key)}']"
+                    if isinstance(value, list):
+                        picked = _pick_by_threshold(value, module)
+                        return picked, where if picked is not None else f"{where}: no entry's weight_threshold is below its size"
+                    return value, where
+        return self.global_config, "global_config"
+
+    def name_key_for(self, name: str) -> str | None:
+        """The first `module_name_configs` key (a regular expression) that matches all of `name`."""
         for key in self.module_name_configs:
-            if key not in names:
-                raise ConfigError(f"module_name_configs.{key}", f"no module named '{key}' in the model")
+            if _compile_name_key(key).fullmatch(name):
+                return key
+        return None
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Every name key must match a module of `model`, every custom type name a supported module's class.
+
+        A key that configures nothing is almost always a typo that would silently compress (or keep) the
+        wrong modules, so it is an error, naming the key.
+        """
+        names = [n for n, _ in model.named_modules()]
+        for key in self.module_name_configs:
+            pattern = _compile_name_key(key)
+            if not any(pattern.fullmatch(n) for n in names):
+                raise ConfigError(
+                    f"module_name_configs.{key}",
+                    f"matches no module of the model (keys are module names or regular expressions matched "
+                    f"against whole names, as in Core ML Tools; e.g. 'model.layers.0.mlp.up_proj' or "
+                    f"'model.layers.\\d+.mlp.up_proj')",
+                )
+        present = {type(m) for _, m in model.named_modules() if isinstance(m, self.supported_modules)}
+        for key in self.module_type_configs:
+            if isinstance(key, str) and _builtin_type(key) is None:
+                if not any(_type_matches(key, cls) for cls in present):
+                    raise ConfigError(f"module_type_configs.{key}", self._unsupported_type_message(key))
+
+    # -- validation ---------------------------------------------------------------------------
+    def _check_type_key(self, key: Any) -> None:
+        if isinstance(key, type):
+            if issubclass(key, torch.nn.Module) and issubclass(key, self.supported_modules):
+                return
+            raise ConfigError(f"module_type_configs.{_type_key(key)}", self._unsupported_type_message(_type_key(key)))
+        if not isinstance(key, str):
+            raise ConfigError("module_type_configs", f"keys are module classes or their names, got {key!r}")
+        builtin = _builtin_type(key)
+        if builtin is not None and not issubclass(builtin, self.supported_modules):
+            raise ConfigError(f"module_type_configs.{key}", self._unsupported_type_message(key))
+
+    def _unsupported_type_message(self, key: str) -> str:
+        supported = ", ".join(cls.__name__ for cls in self.supported_modules)
+        return (f"'{key}' names no supported module type; supported: {supported} "
+                "(or a subclass of one, by class or class name)")
+
+    def _check_type_conflicts(self) -> None:
+        """One type under its class and under its name with different configs is ambiguous: refuse it.
+
+        (Core ML Tools' constructor folds torch.nn names into the class and keeps the later entry, while
+        its set_module_type lets the class win; here the class wins, and a conflicting dict is an error.)
+        """
+        classes = [k for k in self.module_type_configs if isinstance(k, type)]
+        for name in (k for k in self.module_type_configs if isinstance(k, str)):
+            for cls in classes:
+                if _type_matches(name, cls) and _freeze_value(self.module_type_configs[name]) != _freeze_value(self.module_type_configs[cls]):
+                    raise ConfigError(
+                        f"module_type_configs.{name}",
+                        f"configures the same type as the key {_type_key(cls)} differently; keep one of them",
+                    )
+
+
+def _compile_name_key(key: str) -> re.Pattern:
+    try:
+        return _compiled(key)
+    except re.error as e:
+        raise ConfigError(f"module_name_configs.{key}", f"not a valid regular expression ({e})") from None
+
+
+_PATTERNS: dict[str, re.Pattern] = {}
+
+
+def _compiled(key: str) -> re.Pattern:
+    if key not in _PATTERNS:
+        _PATTERNS[key] = re.compile(key)
+    return _PATTERNS[key]
+
+
+def _builtin_type(key: str) -> type | None:
+    """The torch.nn class a name key means (`Linear`, `torch.nn.Linear`, `torch.nn.modules.linear.Linear`), or None."""
+    short = key.rsplit(".", 1)[-1]
+    cls = getattr(torch.nn, short, None)
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and key in (short, f"torch.nn.{short}", f"{cls.__module__}.{cls.__qualname__}"):
+        return cls
+    return None
+
+
+def _freeze_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze_value(v) for v in value)
+    return None if value is None else (type(value).__name__, tuple(sorted(value.as_dict().items(), key=lambda kv: kv[0])))
 
 
 def _module_from_dict(cls: type[ModuleOptimizationConfig], value: Any, field: str) -> ModuleOptimizationConfig:
@@ -251,8 +368,9 @@ def _type_key(key: Any) -> str:
     return key if isinstance(key, str) else f"{key.__module__}.{key.__qualname__}"
 
 
-def _type_matches(key: Any, module: torch.nn.Module) -> bool:
-    cls = type(module)
+def _type_matches(key: Any, module: torch.nn.Module | type) -> bool:
+    """Whether a type key (a class, its name or its dotted path) means `module`'s exact class."""
+    cls = module if isinstance(module, type) else type(module)
     if isinstance(key, type):
         return cls is key
     return key in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}", f"torch.nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else None)

@@ -11,10 +11,18 @@ from tests.conftest import tiny_llama
 
 
 def test_defaults_match_core_ml_tools():
-    c = ModuleCfg()
-    assert (c.n_bits, c.granularity, c.group_size, c.channel_axis, c.cluster_dim) == (4, "per_tensor", None, 0, None)
-    assert (c.enable_per_channel_scale, c.lut_dtype, c.weight_threshold) == (False, "float32", 2048)
+    """Every field both classes have defaults to the installed Core ML Tools' value."""
+    ct = pytest.importorskip("coremltools.optimize.torch.palettization")
+    theirs, ours = ct.ModulePostTrainingPalettizerConfig(), ModuleCfg()
+    shared = {"n_bits", "granularity", "group_size", "channel_axis", "cluster_dim", "enable_per_channel_scale"}
+    assert shared <= set(ours.as_dict())
+    for field in sorted(shared):
+        value = getattr(theirs, field)
+        assert getattr(ours, field) == getattr(value, "value", value), field
+    assert theirs.lut_dtype is None and ours.lut_dtype == "float32"   # None: an unquantized LUT in both
+    assert ours.weight_threshold == 0  # Core ML Tools has no threshold: every supported layer is palettized
     assert Cfg().global_config == ModuleCfg()
+    assert ct.PostTrainingPalettizerConfig().global_config == theirs
 
 
 @pytest.mark.parametrize(
@@ -89,7 +97,7 @@ def test_type_config_list_picks_by_weight_threshold():
 def test_unknown_module_name_is_an_error():
     model = tiny_llama()
     cfg = Cfg.from_dict({"module_name_configs": {"lm_hed": None}})
-    with pytest.raises(ConfigError, match="no module named 'lm_hed'"):
+    with pytest.raises(ConfigError, match="lm_hed: matches no module of the model"):
         plan_units(model, cfg)
 
 

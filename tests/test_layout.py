@@ -167,9 +167,13 @@ def test_quantize_lut_errors() -> None:
 def _spec_group_view(weight, channel_axis, group_size, cluster_dim, vector_axis):
     """The canonical order exactly as the format's specification words it."""
     x = weight.movedim(channel_axis, 0)
+    channels = weight.shape[channel_axis]
+    if cluster_dim > 1 and vector_axis == channel_axis:
+        # a vector is cluster_dim consecutive channels; a group's vector rows come first
+        rows = x.reshape(channels // cluster_dim, cluster_dim, -1).transpose(1, 2)
+        return rows.reshape(channels // group_size, -1, cluster_dim)
     if cluster_dim > 1:
         x = x.movedim(vector_axis + 1 if vector_axis < channel_axis else vector_axis, -1)
-    channels = weight.shape[channel_axis]
     x = x.reshape(channels, -1, cluster_dim)
     return x.reshape(channels // group_size, -1, cluster_dim)
 
@@ -182,6 +186,10 @@ GROUPINGS = [  # (shape, channel_axis, group_size, cluster_dim, vector_axis)
     ((8, 4, 3, 2), 3, 2, 3, 2),
     ((8, 4, 3, 2), 1, 4, 1, None),
     ((5,), 0, 5, 1, None),
+    ((4, 6), 0, 2, 2, 0),
+    ((4, 6), 1, 6, 3, 1),
+    ((8, 4, 3, 2), 0, 4, 2, 0),
+    ((8, 4, 3, 2), 1, 4, 4, 1),
 ]
 
 
@@ -202,6 +210,9 @@ def test_group_view_known_values() -> None:
     assert group_view(w, 1, 3)[0, :, 0].tolist() == [0, 6, 12, 18, 1, 7, 13, 19, 2, 8, 14, 20]
     assert group_view(w, 0, 1, 2, 1)[0].tolist() == [[0, 1], [2, 3], [4, 5]]
     assert group_view(w, 1, 1, 2, 0)[0].tolist() == [[0, 6], [12, 18]]
+    # vectors along the channel axis (Core ML Tools' convention): pairs of consecutive rows
+    assert group_view(w, 0, 2, 2, 0)[0].tolist() == [[0, 6], [1, 7], [2, 8], [3, 9], [4, 10], [5, 11]]
+    assert group_view(w, 1, 6, 2, 1)[0, :4].tolist() == [[0, 1], [6, 7], [12, 13], [18, 19]]
 
 
 def test_ungroup_view_rejects_wrong_groups() -> None:
@@ -221,16 +232,17 @@ def _reference_decode(weight: PalettizedWeight, labels: torch.Tensor) -> torch.T
         None if t is None else t.numpy()
         for t in (weight.lut_scale, weight.lut_zero_point, weight.channel_scale)
     )
+    along_channels = vector_axis == channel_axis
     other = [axis for axis in range(len(shape)) if axis not in (channel_axis, vector_axis)]
     inner_sizes = [shape[axis] for axis in other]
-    if vector_axis is not None:
+    if vector_axis is not None and not along_channels:
         inner_sizes.append(shape[vector_axis] // cluster_dim)
     per_channel = math.prod(inner_sizes)
     out = np.zeros(shape, dtype=np.float32)
     for index in itertools.product(*(range(size) for size in shape)):
         inner = [index[axis] for axis in other]
         component = 0
-        if vector_axis is not None:
+        if vector_axis is not None and not along_channels:
             inner.append(index[vector_axis] // cluster_dim)
             component = index[vector_axis] % cluster_dim
         position = 0
@@ -238,7 +250,10 @@ def _reference_decode(weight: PalettizedWeight, labels: torch.Tensor) -> torch.T
             position = position * size + i
         channel = index[channel_axis]
         group = channel // group_size
-        entry = int(labels[group, (channel % group_size) * per_channel + position])
+        row = channel % group_size
+        if along_channels:
+            row, component = row // cluster_dim, row % cluster_dim
+        entry = int(labels[group, row * per_channel + position])
         stored = lut[group, entry, component]
         if scale is None:
             value = np.float32(stored)
@@ -263,12 +278,13 @@ GRANULARITIES = {  # name: (channel_axis, group_size or None for all channels)
 }
 
 
-def _make_weight(shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale, n_bits=3):
+def _make_weight(shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale, n_bits=3, vectors="across"):
+    """vectors: "across" the channel axis (along the other of axes 0/1) or "along" it."""
     shape = SHAPES[shape_name]
     channel_axis, group_size = GRANULARITIES[granularity]
     group_size = group_size or shape[channel_axis]
-    vector_axis = None if cluster_dim == 1 else 1 - channel_axis
-    gen = _generator(shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale, n_bits)
+    vector_axis = None if cluster_dim == 1 else (channel_axis if vectors == "along" else 1 - channel_axis)
+    gen = _generator(shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale, n_bits, vectors)
     n_groups = shape[channel_axis] // group_size
     n_per_group = math.prod(shape) // (n_groups * cluster_dim)
     lut = torch.randn(n_groups, 2**n_bits, cluster_dim, generator=gen)
@@ -304,16 +320,26 @@ def _save_and_load(weight: PalettizedWeight, path, prefix: str) -> PalettizedWei
     return PalettizedWeight.from_tensors(load_file(str(path)), metadata, prefix)
 
 
+def _vector_layouts() -> list[tuple[str, str, int, str]]:
+    """(shape, granularity, cluster_dim, vectors): vectors along the channel axis need
+    cluster_dim > 1 dividing the group."""
+    layouts = []
+    for shape_name, granularity, cluster_dim in itertools.product(SHAPES, GRANULARITIES, [1, 2, 4]):
+        layouts.append((shape_name, granularity, cluster_dim, "across"))
+        channel_axis, group_size = GRANULARITIES[granularity]
+        if cluster_dim > 1 and (group_size or SHAPES[shape_name][channel_axis]) % cluster_dim == 0:
+            layouts.append((shape_name, granularity, cluster_dim, "along"))
+    return layouts
+
+
 @pytest.mark.parametrize("with_channel_scale", [False, True])
 @pytest.mark.parametrize("lut_dtype", ["float32", "float16", "int8", "uint8"])
-@pytest.mark.parametrize("cluster_dim", [1, 2, 4])
-@pytest.mark.parametrize("granularity", list(GRANULARITIES))
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize(("shape_name", "granularity", "cluster_dim", "vectors"), _vector_layouts())
 def test_decode_matches_reference(
-    shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale, tmp_path
+    shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale, vectors, tmp_path
 ) -> None:
     weight, labels = _make_weight(
-        shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale
+        shape_name, granularity, cluster_dim, lut_dtype, with_channel_scale, vectors=vectors
     )
     assert torch.equal(weight.labels(), labels)
     decoded = weight.decode()
@@ -394,8 +420,9 @@ def _assignment(**overrides):
             "cluster_dim",
             "must divide the 12 elements along vector_axis 1",
         ),
-        ({"cluster_dim": 2}, "vector_axis", "other than channel_axis 0"),
-        ({"cluster_dim": 2, "vector_axis": 0}, "vector_axis", "other than channel_axis 0"),
+        ({"cluster_dim": 2}, "vector_axis", "must be an axis in 0..1"),
+        ({"cluster_dim": 2, "vector_axis": 2}, "vector_axis", "must be an axis in 0..1"),
+        ({"cluster_dim": 4, "vector_axis": 0}, "cluster_dim", "must divide group_size 2"),
         ({"vector_axis": 1}, "vector_axis", "must be None when cluster_dim is 1"),
         ({"n_bits": 0}, "n_bits", "must be an integer in 1..8, got 0"),
         ({"n_bits": 9}, "n_bits", "must be an integer in 1..8, got 9"),

@@ -98,13 +98,19 @@ def test_lut_dtypes_store_that_dtype_and_decode_to_the_nearest_stored_entry(dtyp
     assert float((w - pw.decode()).square().sum()) < 1.3 * float((w - ref).square().sum()) + 1e-3
 
 
-def test_vector_palettization_along_the_input_axis():
+@pytest.mark.parametrize("channel_axis", [0, 1])
+def test_vector_palettization_along_the_channel_axis(channel_axis):
+    """As in Core ML Tools, a vector is cluster_dim consecutive channels along channel_axis."""
     torch.manual_seed(4)
-    base = torch.randn(4, 2)  # 4 planted 2-vectors
-    w = base[torch.randint(0, 4, (8, 16))].reshape(8, 32) + 1e-4 * torch.randn(8, 32)
-    pw = palettize_weight(w, ModuleCfg(n_bits=2, cluster_dim=2))
-    assert pw.lut.shape == (1, 4, 2) and pw.vector_axis == 1
+    base = torch.randn(4, 2)  # 4 planted 2-vectors, laid out along axis 0 (pairs of rows)
+    planted = base[torch.randint(0, 4, (4, 32))].permute(0, 2, 1).reshape(8, 32) + 1e-4 * torch.randn(8, 32)
+    w = planted if channel_axis == 0 else planted.T.contiguous()
+    config = ModuleCfg(n_bits=2, cluster_dim=2, channel_axis=channel_axis)
+    pw = palettize_weight(w, config)
+    assert pw.lut.shape == (1, 4, 2) and pw.vector_axis == channel_axis
     assert float((w - pw.decode()).abs().max()) < 1e-3
+    across = planted.T.contiguous() if channel_axis == 0 else planted  # no planted vectors along this axis
+    assert float((across - palettize_weight(across, config).decode()).abs().max()) > 1e-2
 
 
 def test_compress_decodes_in_place_skips_none_and_respects_threshold():
@@ -150,9 +156,9 @@ def test_group_size_not_dividing_is_rejected_naming_the_layer():
 
 
 def test_cluster_dim_not_dividing_is_rejected():
-    model = torch.nn.Sequential(torch.nn.Linear(30, 64))
-    cfg = PostTrainingPalettizerConfig.from_dict({"global_config": {"cluster_dim": 4, "weight_threshold": 0}})
-    with pytest.raises(ConfigError, match="cluster_dim 4 does not divide its 30"):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 30))
+    cfg = PostTrainingPalettizerConfig.from_dict({"global_config": {"cluster_dim": 4}})
+    with pytest.raises(ConfigError, match="cluster_dim 4 does not divide the 30 channels along axis 0"):
         PostTrainingPalettizer(model, cfg).compress()
 
 

@@ -11,6 +11,11 @@ the front and, for vectors, `vector_axis` to the back, keeping the other axes in
 row-major as `[C, M, cluster_dim]`; then `group_size` consecutive channels form one group:
 `[n_groups, group_size * M, cluster_dim]`. The indices are `[n_groups, n_per_group]` read
 row-major and packed with `pack_bits`.
+
+Vectors may also run along the channel axis itself (`vector_axis == channel_axis`, Core ML Tools'
+convention and the one its iOS18 models use): a vector is `cluster_dim` consecutive channels of
+one group (so `cluster_dim` must divide `group_size`), and a group reads as
+`[group_size / cluster_dim, M, cluster_dim]`: vector rows first, then the other axes in order.
 """
 
 import json
@@ -66,11 +71,17 @@ def _check_grouping(
                 "vector_axis", f"must be None when cluster_dim is 1, got {vector_axis!r}"
             )
         return
-    if not _is_int(vector_axis) or not 0 <= vector_axis < ndim or vector_axis == channel_axis:
+    if not _is_int(vector_axis) or not 0 <= vector_axis < ndim:
         raise ConfigError(
             "vector_axis",
-            f"must be an axis in 0..{ndim - 1} of shape {shape} other than channel_axis "
-            f"{channel_axis} when cluster_dim is {cluster_dim}, got {vector_axis!r}",
+            f"must be an axis in 0..{ndim - 1} of shape {shape} when cluster_dim is {cluster_dim}, "
+            f"got {vector_axis!r}",
+        )
+    if vector_axis == channel_axis and group_size % cluster_dim:
+        raise ConfigError(
+            "cluster_dim",
+            f"must divide group_size {group_size} when vectors run along the channel axis "
+            f"{channel_axis} of shape {shape}, got {cluster_dim}",
         )
     if shape[vector_axis] % cluster_dim:
         raise ConfigError(
@@ -86,9 +97,11 @@ def _check_n_bits(n_bits: int) -> None:
 
 
 def _canonical_axes(ndim: int, channel_axis: int, vector_axis: int | None) -> list[int]:
-    """The axes of the canonical order: channels first, the vector axis (if any) last."""
+    """The axes of the canonical order: channels first, the vector axis (if any, and not the
+    channel axis itself) last."""
     rest = [axis for axis in range(ndim) if axis not in (channel_axis, vector_axis)]
-    return [channel_axis, *rest, *([] if vector_axis is None else [vector_axis])]
+    last = [] if vector_axis in (None, channel_axis) else [vector_axis]
+    return [channel_axis, *rest, *last]
 
 
 def _group_counts(
@@ -119,6 +132,10 @@ def group_view(
     shape = tuple(weight.shape)
     n_groups, n_per_group = _group_counts(shape, channel_axis, group_size, cluster_dim, vector_axis)
     permuted = weight.permute(_canonical_axes(len(shape), channel_axis, vector_axis))
+    if vector_axis == channel_axis:
+        # [n_groups, rows, cluster_dim, M] -> [n_groups, rows, M, cluster_dim]
+        rows = group_size // cluster_dim
+        permuted = permuted.reshape(n_groups, rows, cluster_dim, -1).transpose(2, 3)
     return permuted.reshape(n_groups, n_per_group, cluster_dim)
 
 
@@ -138,6 +155,9 @@ def ungroup_view(
             f"groups: must be {[*counts, cluster_dim]} for shape {shape}, got {list(groups.shape)}"
         )
     axes = _canonical_axes(len(shape), channel_axis, vector_axis)
+    if vector_axis == channel_axis:
+        rows = group_size // cluster_dim
+        groups = groups.reshape(counts[0], rows, -1, cluster_dim).transpose(2, 3)
     permuted = groups.reshape([shape[axis] for axis in axes])
     return permuted.permute([axes.index(axis) for axis in range(len(shape))])
 

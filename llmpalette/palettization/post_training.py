@@ -6,11 +6,16 @@ Mirrors `coremltools.optimize.torch.palettization.PostTrainingPalettizer` and it
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numba
 import torch
 from torch import nn
 
@@ -21,7 +26,9 @@ from llmpalette.maths.assign import nearest
 from llmpalette.maths.kmeans1d import kmeans_1d
 from llmpalette.maths.kmeans_vector import kmeans_vector
 from llmpalette.maths.lut import dequantize_lut, quantize_lut
-from llmpalette.modules import WeightUnit, get_weight, set_weight, weight_units
+from llmpalette.modules import SUPPORTED_MODULES, WeightUnit, get_weight, set_weight, weight_units
+
+log = logging.getLogger("llmpalette")
 
 Granularity = Literal["per_tensor", "per_channel", "per_grouped_channel"]
 LutDtype = Literal["float32", "float16", "int8", "uint8"]
@@ -42,14 +49,17 @@ class ModulePostTrainingPalettizerConfig(ModuleOptimizationConfig):
     granularity: per_tensor (one LUT), per_channel (one LUT per channel along `channel_axis`),
         per_grouped_channel (one LUT per `group_size` consecutive channels along `channel_axis`).
     channel_axis: 0 (output channels) or 1 (input channels).
-    cluster_dim: entries per LUT row (vector palettization); vectors run along the other axis of
-        (0, 1), i.e. along the input axis when channel_axis is 0.
+    cluster_dim: entries per LUT row (vector palettization); as in Core ML Tools, a vector is
+        `cluster_dim` consecutive channels along `channel_axis` (output channels by default), and
+        `cluster_dim` must divide the channels each LUT serves.
     enable_per_channel_scale: divide each output channel by its max |w| before clustering and keep
         the scale (decoded weight = LUT value * scale). Scalar LUTs only.
     enforce_zero: the LUT entry nearest to zero is set to exactly 0.
     lut_dtype: LUT storage: float32, float16, or int8 / uint8 (the LUT itself quantized, with a scale
         per LUT; Core ML Tools' `lut_dtype`). torch dtypes and 'f16'/'i8'/'u8' spellings are accepted.
-    weight_threshold: only weights with more elements than this are palettized.
+    weight_threshold: only weights with more elements than this are palettized (default 0: every
+        supported layer, as Core ML Tools' PostTrainingPalettizer does; a list of configs for one
+        module type picks its entry by this threshold).
     """
 
     n_bits: int = 4
@@ -60,7 +70,7 @@ class ModulePostTrainingPalettizerConfig(ModuleOptimizationConfig):
     enable_per_channel_scale: bool = False
     enforce_zero: bool = False
     lut_dtype: LutDtype = "float32"
-    weight_threshold: int = 2048
+    weight_threshold: int = 0
 
     _rejected_fields: ClassVar[dict[str, str]] = {
         "enable_fast_kmeans_mode": "not needed: llmpalette's k-means is exact on the raw weights and fast; remove it",
@@ -120,11 +130,12 @@ class ModulePostTrainingPalettizerConfig(ModuleOptimizationConfig):
                 f"{self.channel_axis}; choose a divisor or give this layer its own config in module_name_configs",
             )
         if self.vector_size > 1:
-            axis = vector_axis(self.channel_axis)
-            if shape[axis] % self.vector_size:
+            per_lut = self.channels_per_lut(shape)
+            if per_lut % self.vector_size:
                 raise ConfigError(
                     "cluster_dim",
-                    f"layer '{name}': cluster_dim {self.vector_size} does not divide its {shape[axis]} elements along axis {axis}",
+                    f"layer '{name}': cluster_dim {self.vector_size} does not divide the {per_lut} channels along axis "
+                    f"{self.channel_axis} that each LUT serves (vectors run along channel_axis, as in Core ML Tools)",
                 )
 
 
@@ -136,8 +147,9 @@ class PostTrainingPalettizerConfig(OptimizationConfig):
 
 
 def vector_axis(channel_axis: int) -> int:
-    """Vectors (cluster_dim > 1) run along the other one of the first two axes."""
-    return 1 - channel_axis
+    """Vectors (cluster_dim > 1) run along the channel axis, as in Core ML Tools (its `vector_axis`
+    metadata and iOS18's `constexpr_lut_to_dense`)."""
+    return channel_axis
 
 
 def palettize_weight(weight: torch.Tensor, config: ModulePostTrainingPalettizerConfig, *, seed: int = 0) -> PalettizedWeight:
@@ -209,6 +221,33 @@ class PlannedUnit:
     config: ModulePostTrainingPalettizerConfig
 
 
+@dataclass(frozen=True)
+class SkippedModule:
+    """A module with weights that is left alone, and why (for the log and the report)."""
+
+    names: tuple[str, ...]
+    module_type: str
+    reason: str
+
+
+class Plan(list):
+    """The units to compress, in model order (a list of PlannedUnit), and `skipped`: what is left alone."""
+
+    def __init__(self, units: list[PlannedUnit], skipped: list[SkippedModule]):
+        super().__init__(units)
+        self.skipped = skipped
+
+    def log_skipped(self) -> None:
+        """One log line per supported module left alone, one per unsupported type (with a count)."""
+        for s in self.skipped:
+            if s.reason.startswith("type"):
+                continue
+            log.info("left alone: %s (%s): %s", " = ".join(s.names), s.module_type, s.reason)
+        by_type = Counter(s.module_type for s in self.skipped if s.reason.startswith("type"))
+        for module_type, count in by_type.items():
+            log.info("left alone: %d %s module(s): type not supported by palettization", count, module_type)
+
+
 class PostTrainingPalettizer:
     """Palettize a model's weights in memory: `PostTrainingPalettizer(model, config).compress()`.
 
@@ -223,18 +262,28 @@ class PostTrainingPalettizer:
         self._seed = seed
         self.compressed: dict[str, PalettizedWeight] = {}
 
-    def plan(self, model: nn.Module | None = None) -> list[PlannedUnit]:
-        """The units to compress and their configs, validated before any work."""
+    def plan(self, model: nn.Module | None = None) -> Plan:
+        """The units to compress and their configs, validated before any work; `.skipped` says what is left alone."""
         return plan_units(model if model is not None else self._model, self._config)
 
-    def compress(self, inplace: bool = False) -> nn.Module:
+    def compress(self, num_kmeans_workers: int | None = None, inplace: bool = False) -> nn.Module:
+        """Palettize every module the config selects; returns the model with the decoded weights.
+
+        Args:
+            num_kmeans_workers: CPU threads for the k-means (Core ML Tools' parameter, in its place);
+                None uses every core. The result does not depend on it.
+            inplace: modify the model passed in (True) or a deep copy of it (False, the default).
+        """
         model = self._model if inplace else copy.deepcopy(self._model)
         self.compressed = {}
-        for planned in self.plan(model):
-            weight = get_weight(model, planned.unit)
-            palettized = palettize_weight(weight, planned.config, seed=self._seed)
-            set_weight(model, planned.unit, palettized.decode())
-            self.compressed[planned.unit.name] = palettized
+        plan = self.plan(model)
+        plan.log_skipped()
+        with kmeans_threads(num_kmeans_workers):
+            for planned in plan:
+                weight = get_weight(model, planned.unit)
+                palettized = palettize_weight(weight, planned.config, seed=self._seed)
+                set_weight(model, planned.unit, palettized.decode())
+                self.compressed[planned.unit.name] = palettized
         return model
 
     def report(self) -> dict[str, dict]:
@@ -252,12 +301,39 @@ class PostTrainingPalettizer:
         }
 
 
-def plan_units(model: nn.Module, config: OptimizationConfig) -> list[PlannedUnit]:
-    """Resolve the config for every weight unit of `model`; tied names must agree. Raises ConfigError."""
-    config.check_names(model)
-    planned = []
+@contextlib.contextmanager
+def kmeans_threads(workers: int | None) -> Iterator[None]:
+    """Cap the threads of the k-means kernels (numba and torch) at `workers`; None leaves them as they are."""
+    if workers is None:
+        yield
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError("num_kmeans_workers", f"must be a positive integer or None, got {workers!r}")
+    before_numba, before_torch = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(workers)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before_numba)
+        torch.set_num_threads(before_torch)
+
+
+def plan_units(model: nn.Module, config: OptimizationConfig) -> Plan:
+    """Resolve the config for every weight unit of `model`; tied names must agree. Raises ConfigError.
+
+    Returns the units to compress; `plan.skipped` lists every module with a weight that is left alone
+    and why (config None, weight_threshold, or a type palettization does not support).
+    """
+    config.check_model(model)
+    planned, skipped = [], []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(module, SUPPORTED_MODULES):
+            skipped.append(SkippedModule((name,), type(module).__name__, "type not supported"))
     for unit in weight_units(model):
-        configs = {name: config.get_module_config(name, model.get_submodule(name)) for name in unit.names}
+        resolved = {name: config.resolve(name, model.get_submodule(name)) for name in unit.names}
+        configs = {name: chosen for name, (chosen, _) in resolved.items()}
         distinct = {None if c is None else _freeze(c) for c in configs.values()}
         if len(distinct) > 1:
             listing = ", ".join(f"{n} -> {'skip' if c is None else 'compress'}" for n, c in configs.items())
@@ -268,12 +344,15 @@ def plan_units(model: nn.Module, config: OptimizationConfig) -> list[PlannedUnit
             )
         chosen = configs[unit.name]
         if chosen is None:
+            skipped.append(SkippedModule(unit.names, unit.module_type, f"config null ({resolved[unit.name][1]})"))
             continue
-        if get_weight(model, unit).numel() <= chosen.weight_threshold:
+        numel = get_weight(model, unit).numel()
+        if numel <= chosen.weight_threshold:
+            skipped.append(SkippedModule(unit.names, unit.module_type, f"{numel} elements <= weight_threshold {chosen.weight_threshold}"))
             continue
         chosen.check_weight(unit.shape, unit.name)
         planned.append(PlannedUnit(unit, chosen))
-    return planned
+    return Plan(planned, skipped)
 
 
 def _freeze(config: ModuleOptimizationConfig) -> tuple:
