@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
+from llmpalette import __version__
 from llmpalette.errors import LlmpaletteError
+
+log = logging.getLogger("llmpalette")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpalette", description="Compress LLMs for Apple devices.")
+    parser.add_argument("--version", action="version", version=f"llmpalette {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     compress = sub.add_parser("compress", help="run (or resume) a compression job, then evaluate it and write its report")
@@ -18,47 +24,73 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--job-dir", required=True, help="job directory: manifest, layer files, report")
     compress.add_argument("--resume", action="store_true", help="continue a killed job: keep intact layers, redo missing or corrupt ones")
     compress.add_argument("--model", help="override the recipe's model: a hub id, a transformers folder or a .gguf file")
+    compress.add_argument("--tokenizer", help="where the tokenizer is, when the model has none (hub id, folder or .gguf)")
     compress.add_argument("--data", help="override the recipe's text: 'default', a local .txt/.jsonl/.parquet file or folder, or a hub dataset")
     compress.add_argument("--no-eval", action="store_true", help="skip the evaluation and report")
-    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars, no information lines (warnings and errors only)")
 
     report = sub.add_parser("report", help="print a job's report (evaluating it first if it has none)")
     report.add_argument("job_dir")
     report.add_argument("--json", action="store_true", help="print report.json instead of the markdown")
+    report.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _setup_output(quiet: bool, main_rank: bool = True) -> None:
+    """Our information lines on stderr (warnings only when quiet or not rank 0); libraries kept quiet."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("llmpalette: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet or not main_rank else logging.INFO)
+    if quiet:
+        from llmpalette.sources.models import quiet_libraries
+
+        quiet_libraries()
 
 
 def _compress(args) -> int:
     from llmpalette import distributed
-    from llmpalette.evaluate.report import build_report
+    from llmpalette.evaluate.report import build_report, quality_verdict
     from llmpalette.jobs.runner import run_job
     from llmpalette.recipe import Recipe
 
-    recipe = Recipe.from_yaml(args.recipe).with_overrides(model=args.model, text=args.data)
+    recipe = Recipe.from_yaml(args.recipe).with_overrides(model=args.model, text=args.data, tokenizer=args.tokenizer)
     with distributed.world() as world:
-        summary = run_job(recipe, args.job_dir, resume=args.resume, world=world, progress=not args.quiet)
+        _setup_output(args.quiet, world.is_main)
+        summary = run_job(recipe, args.job_dir, resume=args.resume, world=world, progress=not args.quiet,
+                          evaluate=not args.no_eval)
         if world.is_main:
-            print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run) "
+            print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run"
+                  f"{f', {len(summary.redone)} redone' if summary.redone else ''}) "
                   f"on {world.world_size} rank(s) in {summary.seconds:.1f} s -> {summary.job_dir}")
             if not args.no_eval:
                 report = build_report(args.job_dir, progress=not args.quiet, loaded=summary.loaded)
-                _print_summary(report)
+                _print_summary(report, quality_verdict(report["evaluation"]))
     return 0
 
 
-def _print_summary(report: dict) -> None:
+def _print_summary(report: dict, verdict: str | None) -> None:
     ev, size = report["evaluation"], report["size"]
     if "perplexity_after" in ev:
         print(f"perplexity {ev['perplexity_before']:.3f} -> {ev['perplexity_after']:.3f} "
               f"({ev['windows']} held-out windows of {ev['seq_len']} tokens)")
+    elif ev.get("reason"):
+        log.warning("perplexity not measured: %s", ev["reason"])
     print(f"size {size['float16_bytes']:,} B (float16) -> {size['compressed_bytes']:,} B, "
           f"ratio {size['compression_ratio_vs_float16']:.2f}x; report: {Path(report['job_dir']) / 'report.md'}")
+    if verdict:
+        print(verdict)
 
 
 def _report(args) -> int:
     from llmpalette.evaluate.report import REPORT_MD, build_report, read_report
+    from llmpalette.jobs.compressed import compressed_weights
+    from llmpalette.jobs.manifest import Manifest
 
-    report = read_report(args.job_dir) or build_report(args.job_dir)
+    _setup_output(args.quiet)
+    compressed_weights(Manifest.load(Path(args.job_dir)))  # an unfinished or corrupt job is refused here
+    report = read_report(args.job_dir) or build_report(args.job_dir, progress=not args.quiet)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -69,13 +101,19 @@ def _report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"compress": _compress, "report": _report}[args.command](args)
+        code = {"compress": _compress, "report": _report}[args.command](args)
+        sys.stdout.flush()
+        return code
     except LlmpaletteError as e:
         print("llmpalette: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmpalette: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`llmpalette report --json | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

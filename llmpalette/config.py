@@ -365,6 +365,10 @@ def _mapping(value: Any, field: str) -> Mapping:
 
 
 def _type_key(key: Any) -> str:
+    """A type key as text: a torch.nn class by its short name (`Linear`), another class by its dotted path."""
+    cls = key if isinstance(key, type) else _builtin_type(key)
+    if cls is not None and getattr(torch.nn, cls.__name__, None) is cls:
+        return cls.__name__
     return key if isinstance(key, str) else f"{key.__module__}.{key.__qualname__}"
 
 

@@ -2,6 +2,7 @@
 
 ```yaml
 model: default                  # or a hub id, a folder, a .gguf file
+tokenizer: null                 # optional: where the tokenizer is when the model has none
 data: {text: default, samples: 0, seq_len: 512}
 stages:
   - algorithm: kmeans
@@ -27,8 +28,16 @@ from llmpalette.config import OptimizationConfig
 from llmpalette.errors import ConfigError
 from llmpalette.palettization.post_training import PostTrainingPalettizerConfig
 
-ALGORITHMS: dict[str, type[OptimizationConfig]] = {
-    "kmeans": PostTrainingPalettizerConfig,
+@dataclass(frozen=True)
+class Algorithm:
+    """What a stage's `algorithm:` name means: its config class, and whether it reads calibration text."""
+
+    config_class: type[OptimizationConfig]
+    needs_text: bool = False
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "kmeans": Algorithm(PostTrainingPalettizerConfig),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` -> load dtype
 
@@ -56,11 +65,20 @@ class Stage:
     def as_dict(self) -> dict[str, Any]:
         return {"algorithm": self.algorithm, "config": _plain(self.raw_config)}
 
+    def normalized(self) -> dict[str, Any]:
+        """The stage as the typed config reads it: defaults filled in, spellings made canonical."""
+        return {"algorithm": self.algorithm, "config": _plain(self.config.as_dict())}
+
+    @property
+    def needs_text(self) -> bool:
+        return ALGORITHMS[self.algorithm].needs_text
+
 
 @dataclass(frozen=True)
 class Recipe:
     stages: tuple[Stage, ...]
     model: str = "default"
+    tokenizer: str | None = None
     data: DataSpec = DataSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     seed: int = 0
@@ -85,11 +103,13 @@ class Recipe:
         except ConfigError as e:
             raise ConfigError(e.field, e.message, source) from None
 
-    def with_overrides(self, *, model: str | None = None, text: str | None = None) -> "Recipe":
-        """The same recipe with the model and/or text replaced (the CLI's --model / --data)."""
+    def with_overrides(self, *, model: str | None = None, text: str | None = None, tokenizer: str | None = None) -> "Recipe":
+        """The same recipe with the model, text and/or tokenizer replaced (the CLI's --model / --data / --tokenizer)."""
         recipe = self
         if model is not None:
             recipe = dataclasses.replace(recipe, model=model)
+        if tokenizer is not None:
+            recipe = dataclasses.replace(recipe, tokenizer=tokenizer)
         if text is not None:
             recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, text=text))
         return recipe
@@ -97,6 +117,7 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "tokenizer": self.tokenizer,
             "dtype": self.dtype,
             "seed": self.seed,
             "data": dataclasses.asdict(self.data),
@@ -108,14 +129,44 @@ class Recipe:
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
 
     @property
+    def needs_text(self) -> bool:
+        """Whether a stage reads calibration text (and so needs a tokenizer)."""
+        return any(stage.needs_text for stage in self.stages)
+
+    def compression_dict(self) -> dict[str, Any]:
+        """What decides the compressed bytes, normalized: the stages' typed configs (defaults filled,
+        canonical spellings), the load dtype, the seed and, for stages that read text, the data.
+
+        Not in it: where the model and tokenizer lie (the job's model fingerprint decides whether
+        the model is the same), the evaluation settings, YAML formatting and key order.
+        """
+        compression = {"dtype": self.dtype, "seed": self.seed, "stages": [s.normalized() for s in self.stages]}
+        if self.needs_text:
+            compression["data"] = dataclasses.asdict(self.data)
+        return compression
+
+    @property
     def sha256(self) -> str:
-        """Hash of the canonical recipe: equal recipes (after overrides) have equal hashes."""
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+        """Hash of `compression_dict()`: recipes that compress alike have equal hashes."""
+        return hashlib.sha256(json.dumps(self.compression_dict(), sort_keys=True).encode()).hexdigest()
 
     def differences(self, other: "Recipe") -> list[str]:
-        """Top-level fields that differ, for a resume that must refuse a changed recipe."""
-        mine, theirs = self.as_dict(), other.as_dict()
-        return [key for key in mine if json.dumps(mine[key], sort_keys=True) != json.dumps(theirs.get(key), sort_keys=True)]
+        """What `other` (the job's recipe) would compress differently: `path: theirs -> mine` per leaf."""
+        return _leaf_differences(other.compression_dict(), self.compression_dict(), "")
+
+
+def _leaf_differences(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            sub = f"{path}.{key}" if path else str(key)
+            out += _leaf_differences(old.get(key, "(absent)"), new.get(key, "(absent)"), sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _leaf_differences(a, b, f"{path}[{i}]")]
+    if json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True):
+        return []
+    return [f"{path}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 def _plain(value: Any) -> Any:
@@ -123,7 +174,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=False, default=str))
 
 
-_TOP_FIELDS = ("model", "dtype", "seed", "data", "stages", "evaluate")
+_TOP_FIELDS = ("model", "tokenizer", "dtype", "seed", "data", "stages", "evaluate")
 
 
 def _parse(raw: Any, source: str | None) -> Recipe:
@@ -133,6 +184,7 @@ def _parse(raw: Any, source: str | None) -> Recipe:
         if key not in _TOP_FIELDS:
             raise ConfigError(str(key), f"unknown recipe field; known fields: {', '.join(_TOP_FIELDS)}")
     model = _scalar(raw, "model", str, "default")
+    tokenizer = _scalar(raw, "tokenizer", str, None)
     dtype = _scalar(raw, "dtype", str, "float32")
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -148,7 +200,7 @@ def _parse(raw: Any, source: str | None) -> Recipe:
         if getattr(evaluate, name) < minimum:
             raise ConfigError(f"evaluate.{name}", f"must be >= {minimum}, got {getattr(evaluate, name)}")
     stages = _stages(raw.get("stages"))
-    return Recipe(stages=stages, model=model, data=data, evaluate=evaluate, seed=seed, dtype=dtype, source=source)
+    return Recipe(stages=stages, model=model, tokenizer=tokenizer, data=data, evaluate=evaluate, seed=seed, dtype=dtype, source=source)
 
 
 def _scalar(raw: Mapping, key: str, tp: type, default: Any) -> Any:
@@ -194,7 +246,7 @@ def _stages(raw: Any) -> tuple[Stage, ...]:
             raise ConfigError(f"{where}.algorithm", f"unknown algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
         raw_config = item.get("config") or {}
         try:
-            config = ALGORITHMS[algorithm].from_dict(raw_config)
+            config = ALGORITHMS[algorithm].config_class.from_dict(raw_config)
         except ConfigError as e:
             raise ConfigError(f"{where}.config.{e.field}" if e.field else f"{where}.config", e.message) from None
         stages.append(Stage(algorithm=algorithm, config=config, raw_config=_plain(raw_config)))

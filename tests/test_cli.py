@@ -99,3 +99,51 @@ def test_report_warns_about_layers_that_grew():
     assert "**Warning:** 1 layer(s) are not smaller than in float16 (e.g. `a.q_proj`)" in format_report(report)
     layer["nbytes"] = 40
     assert "Warning" not in format_report(report)
+
+
+def test_version(capsys):
+    from llmpalette import __version__
+    from llmpalette.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"llmpalette {__version__}\n"
+
+
+def test_report_json_into_a_closed_pipe_ends_quietly(tmp_path, tiny_recipe):
+    job = tmp_path / "job"
+    assert cli("compress", tiny_recipe, "--job-dir", job, "--quiet").returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    piped = subprocess.run(f"{sys.executable} -m llmpalette report {job} --json | head -n 2", shell=True, cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert piped.stdout.count("\n") == 2 and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+
+def test_weights_only_model_compresses_and_says_why_it_is_not_evaluated(tmp_path, tiny_recipe):
+    from tests.conftest import tiny_llama
+
+    folder = tmp_path / "weights-only"
+    tiny_llama(seed=2).save_pretrained(folder)
+    job = tmp_path / "job"
+    run = cli("compress", tiny_recipe, "--job-dir", job, "--model", folder)
+    assert run.returncode == 0, run.stderr
+    assert "compressed 14 layers" in run.stdout
+    warnings = [line for line in run.stderr.splitlines() if "not measured" in line]
+    assert len(warnings) == 1 and "--tokenizer" in warnings[0]
+    report = json.loads((job / "report.json").read_text())
+    assert report["evaluation"]["measured"] is False and len(report["layers"]) == 14
+    assert cli("report", job).returncode == 0
+
+
+def test_report_refuses_a_corrupt_job_at_once(tmp_path, tiny_recipe):
+    job = tmp_path / "job"
+    assert cli("compress", tiny_recipe, "--job-dir", job, "--quiet", "--no-eval").returncode == 0
+    (job / "layers" / "model.layers.0.mlp.up_proj.safetensors").write_bytes(b"broken")
+    run = cli("report", job)
+    assert run.returncode == 2 and "model.layers.0.mlp.up_proj" in run.stderr and "corrupt" in run.stderr
+    assert not (job / "report.json").exists()
+
+
+def test_quiet_silences_library_progress_bars(tmp_path, tiny_recipe):
+    run = cli("compress", tiny_recipe, "--job-dir", tmp_path / "job", "--quiet")
+    assert run.returncode == 0 and run.stderr == "", run.stderr

@@ -61,7 +61,7 @@ def test_existing_job_needs_resume_and_same_recipe(tmp_path, tiny_llama_dir):
     run_job(recipe_for(tiny_llama_dir), tmp_path / "job", progress=False)
     with pytest.raises(JobError, match="--resume"):
         run_job(recipe_for(tiny_llama_dir), tmp_path / "job", progress=False)
-    with pytest.raises(JobError, match=r"recipe changed \(stages differ"):
+    with pytest.raises(JobError, match=r"compresses differently from the job's \(stages\[0\].config.global_config.n_bits: 3 -> 2\)"):
         run_job(recipe_for(tiny_llama_dir, bits=2), tmp_path / "job", resume=True, progress=False)
     again = run_job(recipe_for(tiny_llama_dir), tmp_path / "job", resume=True, progress=False)
     assert (again.computed, again.kept) == (0, 14)
@@ -82,6 +82,10 @@ def test_corrupt_or_missing_layer_is_detected_and_redone(tmp_path, tiny_llama_di
         llmpalette.from_pretrained(job)
     summary = run_job(recipe_for(tiny_llama_dir), job, resume=True, progress=False)
     assert (summary.computed, summary.kept) == (2, 12)
+    assert sorted(summary.redone) == [
+        ("model.layers.0.mlp.up_proj", "layers/model.layers.0.mlp.up_proj.safetensors is corrupt (sha256 mismatch)"),
+        ("model.layers.1.self_attn.o_proj", "layers/model.layers.1.self_attn.o_proj.safetensors is missing"),
+    ]
     assert layer_bytes(job) == good
 
 
@@ -154,5 +158,5 @@ def test_resume_checks_the_model_fingerprint_not_its_path(tmp_path, tiny_llama_d
     manifest = Manifest.load(job)
     manifest.data["model"]["config_sha256"] = "0" * 64
     manifest.save()
-    with pytest.raises(JobError, match="fingerprint changed"):
+    with pytest.raises(JobError, match="fingerprint differs"):
         run_job(recipe_for(tiny_llama_dir), job, resume=True, progress=False)

@@ -62,13 +62,40 @@ def test_missing_file_and_bad_yaml(tmp_path):
         Recipe.from_yaml(write(tmp_path, "model: default\n"))
 
 
-def test_overrides_change_hash_and_differences(tmp_path):
+def test_overrides_keep_the_hash_of_what_compresses(tmp_path):
+    """Where the model lies, the evaluation text (kmeans reads no text) and the tokenizer do not change
+    the compressed bytes, so they do not change the hash; the job's model fingerprint guards the model."""
     r = Recipe.from_yaml(write(tmp_path, GOOD))
-    o = r.with_overrides(model="/some/folder", text="notes.txt")
-    assert o.model == "/some/folder" and o.data.text == "notes.txt"
-    assert o.sha256 != r.sha256
-    assert o.differences(r) == ["model", "data"]
+    o = r.with_overrides(model="/some/folder", text="notes.txt", tokenizer="/tok")
+    assert (o.model, o.data.text, o.tokenizer) == ("/some/folder", "notes.txt", "/tok")
+    assert o.sha256 == r.sha256 and o.differences(r) == []
     assert r.with_overrides().sha256 == r.sha256
+
+
+def test_reformatted_recipe_has_the_same_hash(tmp_path):
+    r = Recipe.from_yaml(write(tmp_path, GOOD))
+    same = """# the same job, written differently
+evaluate: {seq_len: 512, windows: 8}      # evaluation settings are not the compression
+stages:
+  - config:
+      module_name_configs: {model.embed_tokens: null, lm_head: null}
+      global_config: {group_size: 16, granularity: per_grouped_channel, lut_dtype: fp32, n_bits: 4, channel_axis: 0}
+    algorithm: kmeans
+model: /elsewhere/SmolLM2.gguf
+"""
+    assert Recipe.from_yaml(write(tmp_path, same)).sha256 == r.sha256
+
+
+def test_a_real_change_names_the_field_and_both_values(tmp_path):
+    r = Recipe.from_yaml(write(tmp_path, GOOD))
+    changed = Recipe.from_yaml(write(tmp_path, GOOD.replace("n_bits: 4", "n_bits: 3").replace("group_size: 16", "group_size: 8")))
+    assert changed.sha256 != r.sha256
+    assert changed.differences(r) == [
+        "stages[0].config.global_config.n_bits: 4 -> 3",
+        "stages[0].config.global_config.group_size: 16 -> 8",
+    ]
+    seeded = Recipe.from_yaml(write(tmp_path, GOOD + "seed: 7\n"))
+    assert seeded.differences(r) == ["seed: 0 -> 7"]
 
 
 def test_shipped_recipes_parse():

@@ -1,77 +1,265 @@
 """The job report: perplexity before/after on held-out windows, size before/after, per-layer error.
 
 Reads a finished job (manifest + layer files) and the source model; never recompresses anything.
-Writes report.json (everything), report.md (for people) and report.png (per-layer error).
+The job is verified (every stage done, every layer file intact) before the model is loaded, so a bad
+job fails in a second. The float model's perplexity is cached in the job (eval_cache.json), so a
+second report only evaluates the compressed model.
+Writes report.json (everything), report.md (for people) and report.png (per-layer error by block).
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from llmpalette.jobs.compressed import apply_job
-from llmpalette.jobs.files import atomic_write_bytes, atomic_write_text
-from llmpalette.jobs.manifest import Manifest
-from llmpalette.recipe import DTYPES
+import torch
+from torch import nn
+
+from llmpalette.errors import JobError
 from llmpalette.evaluate.perplexity import perplexity
+from llmpalette.jobs.compressed import compressed_weights
+from llmpalette.jobs.files import atomic_write_bytes, atomic_write_text, sha256_bytes
+from llmpalette.jobs.manifest import Manifest
+from llmpalette.jobs.runner import TOKENIZER_DIR
+from llmpalette.layout.palettized import PalettizedWeight
 from llmpalette.modules import parameter_bytes
-from llmpalette.sources.models import load_model
+from llmpalette.recipe import DTYPES
+from llmpalette.sources.models import DEFAULT_MODEL, DEFAULT_PACKAGE, load_model
 from llmpalette.sources.text import build_windows
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+EVAL_CACHE = "eval_cache.json"
+EVAL_CACHE_FORMAT = "llmpalette-eval-cache/1"
+# perplexity_after / perplexity_before at or above which the report says quality degraded / collapsed.
+DEGRADED_RATIO, COLLAPSED_RATIO = 1.5, 10.0
+NO_TOKENIZER = "no tokenizer: the model has none; pass --tokenizer (or `tokenizer:` in the recipe) to evaluate"
+NO_WINDOWS = "evaluate.windows is 0"
+
+Weights = dict[str, tuple[str, list[str], PalettizedWeight]]  # module name -> (param, tied names, weight)
 
 
 def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | None = None) -> dict[str, Any]:
     """Evaluate a finished job and write report.json / report.md / report.png into it.
 
-    `loaded`: (model, tokenizer) of the job's float source model, if the caller has them already;
-    the model's compressed weights are overwritten by the job's decoded ones.
+    Args:
+        job_dir: a job directory whose stages are all done.
+        progress: show progress bars while evaluating.
+        loaded: (model, tokenizer) of the job's float source model, if the caller has them already;
+            the tokenizer may be None (then perplexity is not measured). When perplexity is measured,
+            the model's compressed weights are overwritten by the job's decoded ones.
+
+    Raises JobError, before loading or evaluating anything, if a stage is unfinished or a layer file
+    is missing or corrupt.
+
+    Example:
+        >>> report = build_report("jobs/default")
+        >>> report["evaluation"]["perplexity_ratio"], report["size"]["compression_ratio_vs_float16"]
     """
     job_dir = Path(job_dir)
     manifest = Manifest.load(job_dir)
+    weights = _verified_weights(manifest)
     recipe = manifest.data["recipe"]
-    model, tokenizer = loaded or load_model(recipe["model"], dtype=DTYPES[recipe["dtype"]])
+    model, tokenizer = loaded or _load_source(job_dir, recipe)
     baseline_bytes = parameter_bytes(model, 2)
-    evaluation: dict[str, Any] = {"windows": recipe["evaluate"]["windows"], "seq_len": recipe["evaluate"]["seq_len"]}
-    windows = None
-    if evaluation["windows"] > 0:
-        text = build_windows(tokenizer, recipe["data"]["text"], seq_len=evaluation["seq_len"], calibration_samples=0, evaluation_windows=evaluation["windows"])
-        windows = text.evaluation
-        evaluation["text"] = text.description
-        started = time.perf_counter()
-        evaluation["perplexity_before"] = perplexity(model, windows, batch_size=recipe["evaluate"]["batch_size"], progress=progress, desc="perplexity (float)")
-        evaluation["seconds_before"] = round(time.perf_counter() - started, 2)
-    apply_job(model, manifest)
-    if windows is not None:
-        started = time.perf_counter()
-        evaluation["perplexity_after"] = perplexity(model, windows, batch_size=recipe["evaluate"]["batch_size"], progress=progress, desc="perplexity (compressed)")
-        evaluation["seconds_after"] = round(time.perf_counter() - started, 2)
-        evaluation["perplexity_ratio"] = evaluation["perplexity_after"] / evaluation["perplexity_before"]
+    parameters = parameter_bytes(model, 1)
+    evaluation = _evaluate(model, tokenizer, weights, manifest, progress)
     layers = _layers(manifest)
-    compressed_fp16 = sum(layer["fp16_bytes"] for layer in layers)
-    after_bytes = baseline_bytes - compressed_fp16 + sum(layer["nbytes"] for layer in layers)
     report = {
         "job_dir": str(job_dir),
         "model": manifest.data["model"],
+        "model_name": model_name(manifest.data["model"]),
+        "architecture": _architecture(model),
+        "parameters": parameters,
         "recipe_sha256": manifest.data["recipe_sha256"],
         "stages": [{"name": s["name"], "algorithm": s["algorithm"], "config": r["config"]} for s, r in zip(manifest.data["stages"], recipe["stages"])],
         "world_size": manifest.data["world_size"],
         "evaluation": evaluation,
-        "size": {
-            "float16_bytes": baseline_bytes,
-            "compressed_bytes": after_bytes,
-            "compression_ratio_vs_float16": baseline_bytes / after_bytes,
-            "compressed_layers": len(layers),
-            "note": "float16 baseline counts every distinct parameter at 2 bytes; compressed = LUTs + packed indices + scales of the compressed layers, other parameters at 2 bytes",
-        },
+        "size": _sizes(baseline_bytes, layers),
         "compression_seconds": round(sum(layer["seconds"] for layer in layers), 2),
         "layers": layers,
     }
     atomic_write_text(job_dir / REPORT_JSON, json.dumps(report, indent=1) + "\n")
     atomic_write_text(job_dir / REPORT_MD, format_report(report))
-    atomic_write_bytes(job_dir / REPORT_PNG, plot_layer_errors(layers, title=f"{job_dir.name}: per-layer relative squared error"))
+    atomic_write_bytes(job_dir / REPORT_PNG, plot_layer_errors(layers, title=f"{job_dir.name}: relative squared error per layer, by decoder block"))
     return report
+
+
+def _verified_weights(manifest: Manifest) -> Weights:
+    """Every stage of the recipe done and every unit's files intact (sha256), read once; else JobError."""
+    stages, planned = manifest.data["stages"], manifest.data["recipe"]["stages"]
+    unfinished = [s["name"] for s in stages if s["status"] != "done"] + [f"{i}-{s['algorithm']}" for i, s in enumerate(planned) if i >= len(stages)]
+    if unfinished:
+        raise JobError(f"job {manifest.job_dir} is not finished (stage {', '.join(unfinished)} not done); "
+                       f"run `llmpalette compress RECIPE --job-dir {manifest.job_dir} --resume` to finish it")
+    return compressed_weights(manifest)
+
+
+def _load_source(job_dir: Path, recipe: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """The job's float model, and its tokenizer: the copy the job saved, else the recipe's, else the model's own."""
+    saved = job_dir / TOKENIZER_DIR
+    tokenizer = str(saved) if saved.is_dir() else recipe.get("tokenizer")
+    return load_model(recipe["model"], dtype=DTYPES[recipe["dtype"]], tokenizer=tokenizer)
+
+
+def _apply_weights(model: nn.Module, weights: Weights, job_dir: Path) -> None:
+    """Overwrite `model`'s compressed weights, in place, with the decoded values of already-read units."""
+    for name, (param, _, palettized) in weights.items():
+        target = getattr(model.get_submodule(name), param)
+        if tuple(target.shape) != tuple(palettized.shape):
+            raise JobError(f"job {job_dir}: {name}.{param} has shape {list(target.shape)} in the model but {list(palettized.shape)} in the job")
+        with torch.no_grad():
+            target.copy_(palettized.decode().to(target.dtype))
+
+
+def _evaluate(model: nn.Module, tokenizer, weights: Weights, manifest: Manifest, progress: bool) -> dict[str, Any]:
+    """Perplexity of the float model (cached in the job), then of the model with the job's weights applied."""
+    recipe = manifest.data["recipe"]
+    spec = recipe["evaluate"]
+    evaluation: dict[str, Any] = {"windows": spec["windows"], "seq_len": spec["seq_len"]}
+    reason = NO_WINDOWS if spec["windows"] == 0 else NO_TOKENIZER if tokenizer is None else None
+    if reason:
+        return {**evaluation, "measured": False, "reason": reason, "verdict": None}
+    text = build_windows(tokenizer, recipe["data"]["text"], seq_len=spec["seq_len"], calibration_samples=0, evaluation_windows=spec["windows"])
+    windows = text.evaluation  # [windows, seq_len]
+    evaluation.update(measured=True, text=text.description)
+    evaluation.update(_float_perplexity(model, windows, manifest, text.description, progress))
+    _apply_weights(model, weights, manifest.job_dir)
+    started = time.perf_counter()
+    evaluation["perplexity_after"] = perplexity(model, windows, batch_size=spec["batch_size"], progress=progress, desc="perplexity (compressed)")
+    evaluation["seconds_after"] = round(time.perf_counter() - started, 2)
+    evaluation["perplexity_ratio"] = evaluation["perplexity_after"] / evaluation["perplexity_before"]
+    evaluation["verdict"] = quality_verdict(evaluation)
+    return evaluation
+
+
+def _float_perplexity(model: nn.Module, windows: torch.Tensor, manifest: Manifest, description: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """perplexity_before and seconds_before: from the job's cache when the key matches, else measured and cached."""
+    key = _cache_key(manifest, description, windows)
+    cached = _read_cache(manifest.job_dir, key)
+    if cached is not None:
+        return {"perplexity_before_cached": True, **cached}
+    started = time.perf_counter()
+    before = perplexity(model, windows, batch_size=manifest.data["recipe"]["evaluate"]["batch_size"], progress=progress, desc="perplexity (float)")
+    result = {"perplexity_before": before, "seconds_before": round(time.perf_counter() - started, 2)}
+    _write_cache(manifest.job_dir, key, result)
+    return {"perplexity_before_cached": False, **result}
+
+
+# -- the float perplexity, cached in the job ---------------------------------------------------------
+def _cache_key(manifest: Manifest, description: dict[str, Any], windows: torch.Tensor) -> dict[str, Any]:
+    """What the float perplexity depends on: the model (not where it lies), its dtype, and the exact tokens.
+
+    The tokens are keyed by their sha256 rather than the tokenizer's name, which is a path that differs
+    between the source model's tokenizer and the job's saved copy of it. batch_size changes nothing.
+    """
+    return {
+        "model": {k: v for k, v in manifest.data["model"].items() if k != "location"},
+        "dtype": manifest.data["recipe"]["dtype"],
+        "text": {"source": description["source"], "rule": description["rule"]},
+        "windows": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        "tokens_sha256": sha256_bytes(windows.contiguous().numpy().astype("<i8").tobytes()),
+    }
+
+
+def _read_cache(job_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached float results for `key`, or None; an unreadable cache is only a miss (it is recomputable)."""
+    for entry in _cache_entries(job_dir):
+        if _canonical(entry.get("key")) == _canonical(key):
+            return entry["result"]
+    return None
+
+
+def _write_cache(job_dir: Path, key: dict[str, Any], result: dict[str, Any]) -> None:
+    entries = [e for e in _cache_entries(job_dir) if _canonical(e.get("key")) != _canonical(key)]
+    entries.append({"key": key, "result": result})
+    atomic_write_text(job_dir / EVAL_CACHE, json.dumps({"format": EVAL_CACHE_FORMAT, "entries": entries}, indent=1) + "\n")
+
+
+def _cache_entries(job_dir: Path) -> list[dict[str, Any]]:
+    path = job_dir / EVAL_CACHE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("format") != EVAL_CACHE_FORMAT:
+        return []
+    return [e for e in data.get("entries", []) if isinstance(e, dict) and "key" in e and "result" in e]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+# -- what the report says -----------------------------------------------------------------------------
+def quality_verdict(evaluation: dict[str, Any]) -> str | None:
+    """One sentence when the compressed model's perplexity grew too much; None when fine or not measured.
+
+    perplexity_after / perplexity_before >= COLLAPSED_RATIO: the model is not usable;
+    >= DEGRADED_RATIO: noticeably worse. A non-finite perplexity after compression counts as collapsed.
+    """
+    before, after = evaluation.get("perplexity_before"), evaluation.get("perplexity_after")
+    if before is None or after is None or not math.isfinite(before):
+        return None
+    ratio = after / before if math.isfinite(after) else math.inf
+    change = f"perplexity {_figure(before)} -> {_figure(after)}"
+    if ratio >= COLLAPSED_RATIO:
+        return (f"quality collapsed: {change} ({_figure(ratio)}x the float model); the compressed model is not usable. "
+                "Try more bits (4 or 8), a smaller group_size, or a calibration-based algorithm "
+                "(Sensitive K-Means, algorithm: skm, when available)")
+    if ratio >= DEGRADED_RATIO:
+        return (f"quality degraded noticeably: {change} ({ratio:.3g}x the float model); consider more bits, "
+                "a smaller group_size, or a calibration-based algorithm (Sensitive K-Means, algorithm: skm, when available)")
+    return None
+
+
+def _figure(value: float) -> str:
+    """4 significant digits, with thousands separators from 1,000 on: 25.08, 947, 23,750."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def model_name(identity: dict[str, Any]) -> str:
+    """A person's name for the model of a manifest's identity: the GGUF file, the folder, or the hub id."""
+    kind = identity.get("kind")
+    if kind == "gguf":
+        if identity.get("spec") == DEFAULT_MODEL:
+            return f"{identity['file']} (the embedded default model, from the {DEFAULT_PACKAGE.replace('_', '-')} wheel)"
+        return identity["file"]
+    if kind == "folder":
+        return Path(identity["location"]).name
+    if kind == "hub":
+        commit = identity.get("commit")
+        return identity["id"] + (f" (commit {commit[:12]})" if commit else "")
+    return str(identity.get("spec"))
+
+
+def _architecture(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    model_type = getattr(config, "model_type", None)
+    return architectures[0] + (f" ({model_type})" if model_type else "")
+
+
+def _sizes(baseline_bytes: int, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whole model and compressed layers only, both against float16; the rest counts 2 bytes a value in both."""
+    layers_fp16 = sum(layer["fp16_bytes"] for layer in layers)
+    layers_bytes = sum(layer["nbytes"] for layer in layers)
+    compressed_bytes = baseline_bytes - layers_fp16 + layers_bytes
+    return {
+        "float16_bytes": baseline_bytes,
+        "compressed_bytes": compressed_bytes,
+        "compression_ratio_vs_float16": baseline_bytes / compressed_bytes,
+        "compressed_layers": len(layers),
+        "compressed_layers_float16_bytes": layers_fp16,
+        "compressed_layers_bytes": layers_bytes,
+        "compressed_layers_ratio": layers_fp16 / layers_bytes if layers_bytes else None,
+        "note": "float16 baseline counts every distinct parameter at 2 bytes; compressed = LUTs + packed indices + scales of the compressed layers, other parameters at 2 bytes",
+    }
 
 
 def _layers(manifest: Manifest) -> list[dict[str, Any]]:
@@ -82,6 +270,7 @@ def _layers(manifest: Manifest) -> list[dict[str, Any]]:
         rows.append({
             "name": name,
             "tied_names": record["names"][1:],
+            "module_type": record.get("module_type"),
             "shape": record["shape"],
             "n_bits": config["n_bits"],
             "granularity": config["granularity"],
@@ -95,38 +284,40 @@ def _layers(manifest: Manifest) -> list[dict[str, Any]]:
 def format_report(report: dict[str, Any]) -> str:
     ev, size = report["evaluation"], report["size"]
     lines = [f"# llmpalette report: {report['job_dir']}", ""]
-    model = report["model"]
-    lines.append(f"- model: `{model.get('spec')}` ({model.get('kind')})")
+    lines.append(f"- model: {_model_line(report)}")
     for stage in report["stages"]:
         lines.append(f"- stage `{stage['name']}`: `{json.dumps(stage['config'])}`")
     lines.append(f"- ranks: {report['world_size']}; compression time (sum over layers): {report['compression_seconds']} s")
-    lines.append("")
-    lines.append("## Quality")
+    lines += ["", "## Quality", ""]
     if "perplexity_after" in ev:
         text = ev["text"]
+        cached = " (cached from an earlier report)" if ev.get("perplexity_before_cached") else ""
         lines += [
             f"Held-out perplexity on {ev['windows']} windows of {ev['seq_len']} tokens from `{text.get('source')}` "
             f"({text.get('rule')}):",
             "",
             "| model | perplexity |",
             "|---|---|",
-            f"| float (before) | {ev['perplexity_before']:.3f} |",
+            f"| float (before){cached} | {ev['perplexity_before']:.3f} |",
             f"| compressed (after) | {ev['perplexity_after']:.3f} |",
             f"| ratio after/before | {ev['perplexity_ratio']:.4f} |",
         ]
+        verdict = ev.get("verdict", quality_verdict(ev))
+        if verdict:
+            lines += ["", f"**{verdict}**"]
     else:
-        lines.append("Not evaluated (evaluate.windows is 0).")
-    lines += [
-        "",
-        "## Size",
-        "",
-        "| | bytes |",
-        "|---|---|",
-        f"| float16 | {size['float16_bytes']:,} |",
-        f"| compressed | {size['compressed_bytes']:,} |",
-        f"| compression ratio vs float16 | {size['compression_ratio_vs_float16']:.3f} |",
-        "",
-    ]
+        lines.append(f"Perplexity: not measured ({ev.get('reason', NO_WINDOWS)}).")
+    lines += ["", "## Size", "", "| | float16 bytes | compressed bytes | ratio |", "|---|---|---|---|",
+              f"| whole model | {size['float16_bytes']:,} | {size['compressed_bytes']:,} | {size['compression_ratio_vs_float16']:.3f} |"]
+    if "compressed_layers_bytes" in size:
+        rest = size["float16_bytes"] - size["compressed_layers_float16_bytes"]
+        layers_ratio = size["compressed_layers_ratio"]
+        lines += [
+            f"| compressed layers only ({size['compressed_layers']}) | {size['compressed_layers_float16_bytes']:,} | "
+            f"{size['compressed_layers_bytes']:,} | {'' if layers_ratio is None else f'{layers_ratio:.3f}'} |",
+            f"| everything else (kept in float16) | {rest:,} | {rest:,} | 1.000 |",
+        ]
+    lines.append("")
     grown = [layer["name"] for layer in report["layers"] if layer["nbytes"] >= layer["fp16_bytes"]]
     if grown:
         lines += [
@@ -147,40 +338,95 @@ def format_report(report: dict[str, Any]) -> str:
             f"{layer['group_size'] or ''} | {layer['rel_sq_error']:.3e} | {layer['nbytes']:,} | {layer['fp16_bytes']:,} |"
         )
     lines.append("")
-    lines.append(f"![per-layer error]({REPORT_PNG})")
+    lines.append(f"![per-layer error by block]({REPORT_PNG})")
     return "\n".join(lines) + "\n"
 
 
+def _model_line(report: dict[str, Any]) -> str:
+    if "model_name" not in report:
+        return f"`{report['model'].get('spec')}` ({report['model'].get('kind')})"
+    parameters = report["parameters"]
+    return (f"{report['model_name']}: {report['architecture']}, {parameters:,} parameters "
+            f"({parameters / 1e6:.1f} M); spec `{report['model'].get('spec')}` ({report['model'].get('kind')})")
+
+
+# -- the plot -------------------------------------------------------------------------------------------
+OTHER_GROUP = "other"
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def layer_block(name: str) -> int | None:
+    """The decoder block a layer belongs to: the first integer in its dotted name (None for e.g. lm_head)."""
+    match = _BLOCK.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
 def plot_layer_errors(layers: list[dict[str, Any]], *, title: str) -> bytes:
-    """PNG bytes: per-layer relative squared error, one bar per layer in model order."""
+    """PNG bytes: relative squared error per layer, x = decoder block, one marker per layer kind within a block.
+
+    Layers outside the numbered blocks (lm_head, embeddings) share one group, "other", at the right.
+    The same layers give the same bytes (Agg, no software/date metadata).
+    """
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(layers) + 4), 4), dpi=100)
-    errors = [layer["rel_sq_error"] for layer in layers]
-    kinds = [layer["name"].rsplit(".", 1)[-1] for layer in layers]  # q_proj, down_proj, ...
+    groups, xs = _plot_positions(layers)
+    kinds = list(dict.fromkeys(_kind(layer["name"]) for layer in layers))
     palette = plt.get_cmap("tab10")
-    colours = {kind: palette(i % 10) for i, kind in enumerate(dict.fromkeys(kinds))}
-    ax.bar(range(len(errors)), errors, color=[colours[k] for k in kinds], width=0.8)
+    colours = {k: palette(i % 10) for i, k in enumerate(kinds)}
+    width = min(20.0, max(6.0, 2 + 0.3 * len(groups)))  # inches
+    fig, ax = plt.subplots(figsize=(width, 4), dpi=100, layout="constrained")
+    for k in kinds:
+        mine = [i for i, layer in enumerate(layers) if _kind(layer["name"]) == k]
+        ax.plot([xs[i] for i in mine], [layers[i]["rel_sq_error"] for i in mine], linestyle="none", marker="o", markersize=4, color=colours[k])
+    errors = [layer["rel_sq_error"] for layer in layers]
     ax.set_yscale("log" if errors and min(errors) > 0 else "linear")
-    ax.set_xlabel("layer (model order)")
+    step = max(1, math.ceil(len(groups) / 40))
+    ax.set_xticks(range(0, len(groups), step), [str(g) for g in groups[::step]], fontsize=7)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    for boundary in range(1, len(groups)):
+        ax.axvline(boundary - 0.5, color="0.9", linewidth=0.5, zorder=0)
+    ax.set_xlabel("decoder block")
     ax.set_ylabel("||W - W_hat||² / ||W||²")
     ax.set_title(title, fontsize=9)
-    if len(layers) <= 40:
-        ax.set_xticks(range(len(layers)), [layer["name"] for layer in layers], rotation=90, fontsize=6)
-    if 1 < len(colours) <= 10:
-        from matplotlib.patches import Patch
-
-        ax.legend(handles=[Patch(color=c, label=k) for k, c in colours.items()], fontsize=7, ncols=min(4, len(colours)))
-    fig.tight_layout()
+    if kinds:
+        handles = [Line2D([], [], linestyle="none", marker="o", color=colours[k], label=k) for k in kinds]
+        fig.legend(handles=handles, fontsize=7, ncols=min(len(kinds), int(width)), loc="outside lower center", frameon=False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1]  # q_proj, down_proj, ...
+
+
+def _group(name: str) -> int | str:
+    block = layer_block(name)
+    return OTHER_GROUP if block is None else block
+
+
+def _plot_positions(layers: list[dict[str, Any]]) -> tuple[list[int | str], list[float]]:
+    """The groups in x order (blocks ascending, then "other"), and each layer's x: its group's place,
+    shifted by its kind's place among the kinds present in that group, so kinds sit side by side."""
+    members: dict[int | str, list[str]] = {}
+    for layer in layers:
+        members.setdefault(_group(layer["name"]), []).append(_kind(layer["name"]))
+    groups = sorted(g for g in members if g != OTHER_GROUP) + ([OTHER_GROUP] if OTHER_GROUP in members else [])
+    present = {g: list(dict.fromkeys(members[g])) for g in groups}
+    width = 0.8 / max((len(kinds) for kinds in present.values()), default=1)
+    place = {g: x for x, g in enumerate(groups)}
+    xs = []
+    for layer in layers:
+        kinds = present[_group(layer["name"])]
+        xs.append(place[_group(layer["name"])] + (kinds.index(_kind(layer["name"])) - (len(kinds) - 1) / 2) * width)
+    return groups, xs
 
 
 def read_report(job_dir: str | Path) -> dict[str, Any] | None:

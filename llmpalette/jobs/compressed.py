@@ -8,7 +8,7 @@ from torch import nn
 
 from llmpalette.errors import JobError
 from llmpalette.jobs.manifest import Manifest
-from llmpalette.jobs.runner import read_unit
+from llmpalette.jobs.runner import TOKENIZER_DIR, read_unit
 from llmpalette.recipe import DTYPES
 from llmpalette.layout.palettized import PalettizedWeight
 from llmpalette.sources.models import load_model
@@ -38,8 +38,12 @@ def apply_job(model: nn.Module, manifest: Manifest) -> nn.Module:
 
 
 def load_compressed(job_dir: str | Path, *, model: str | None = None, device: str | torch.device = "cpu"):
-    """(model, tokenizer, manifest): the job's source model (or `model`, same architecture) with decoded weights."""
+    """(model, tokenizer or None, manifest): the job's source model (or `model`, same architecture) with
+    decoded weights, and the tokenizer the job saved (else the recipe's, else the model's own, else None)."""
     manifest = Manifest.load(Path(job_dir))
+    compressed_weights(manifest)  # refuse an unfinished or corrupt job before loading anything
     recipe = manifest.data["recipe"]
-    base, tokenizer = load_model(model or recipe["model"], dtype=DTYPES[recipe["dtype"]], device=device)
+    saved = Path(job_dir) / TOKENIZER_DIR
+    tokenizer_spec = str(saved) if saved.is_dir() else recipe.get("tokenizer")
+    base, tokenizer = load_model(model or recipe["model"], dtype=DTYPES[recipe["dtype"]], device=device, tokenizer=tokenizer_spec)
     return apply_job(base, manifest), tokenizer, manifest

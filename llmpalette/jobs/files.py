@@ -6,18 +6,11 @@ never a half-written one. Leftover temporaries from a killed process carry TMP_M
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import shutil
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
-
 TMP_MARK = ".tmp-"
-# safetensors keeps its metadata in a hash map whose order changes from run to run, so a file with
-# several metadata keys is not byte-reproducible; we store ours as one key holding sorted JSON.
-METADATA_KEY = "llmpalette"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -47,31 +40,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
-    """Save tensors as safetensors atomically; returns the file record {sha256, bytes} for the manifest.
-
-    Same tensors and metadata give the same bytes, in any process.
-    """
-    packed = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
-    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=packed)
+def atomic_write_file(path: Path, data: bytes) -> dict:
+    """Write `data` atomically; returns the file record {sha256, bytes} for the manifest."""
     atomic_write_bytes(path, data)
     return {"sha256": sha256_bytes(data), "bytes": len(data)}
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a file written by atomic_save_tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        stored = f.metadata() or {}
-    return tensors, json.loads(stored.get(METADATA_KEY, "{}"))
+def atomic_replace_dir(path: Path, fill) -> None:
+    """Build a folder under a temporary name with `fill(tmp_path)`, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fill(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def remove_temporaries(folder: Path) -> list[Path]:
     """Delete temporaries a killed writer left behind; returns what was removed."""
     removed = []
     if Path(folder).exists():
-        for p in Path(folder).rglob(f"*{TMP_MARK}*"):
+        for p in sorted(Path(folder).rglob(f"*{TMP_MARK}*")):
             if p.is_file():
                 p.unlink()
+                removed.append(p)
+            elif p.is_dir():
+                shutil.rmtree(p)
                 removed.append(p)
     return removed

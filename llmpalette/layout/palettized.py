@@ -346,9 +346,13 @@ class PalettizedWeight:
             for name, tensor in self._stored_tensors().items()
         }
 
-    def metadata(self, prefix: str) -> dict[str, str]:
-        """The layout as safetensors metadata: one key `f"{prefix}.__palettized__"` holding JSON."""
-        layout = {**self._layout(), "shape": list(self.shape), "format_version": FORMAT_VERSION}
+    def metadata(self, prefix: str, extra: dict[str, object] | None = None) -> dict[str, str]:
+        """The layout as safetensors metadata: one key `f"{prefix}.__palettized__"` holding JSON.
+
+        `extra`: more JSON-able facts stored beside the layout (a layer file adds the module's
+        names); readers ignore keys they do not know.
+        """
+        layout = {**(extra or {}), **self._layout(), "shape": list(self.shape), "format_version": FORMAT_VERSION}
         return {_metadata_key(prefix): json.dumps(layout, sort_keys=True)}
 
     @classmethod

@@ -1,6 +1,13 @@
 """Loading models and text: where a model or a text comes from, and turning text into token windows."""
 
-from llmpalette.sources.models import DEFAULT_MODEL, ModelSource, load_model, resolve_model
+from llmpalette.sources.models import (
+    DEFAULT_MODEL,
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    quiet_libraries,
+    resolve_model,
+)
 from llmpalette.sources.text import (
     DEFAULT_TEXT,
     HELD_OUT_EVERY,
@@ -20,5 +27,7 @@ __all__ = [
     "is_held_out",
     "iter_documents",
     "load_model",
+    "load_tokenizer",
+    "quiet_libraries",
     "resolve_model",
 ]

@@ -66,6 +66,17 @@ def iter_documents(spec: str) -> Iterator[str]:
     return _hub_documents(spec)
 
 
+def check_text_source(spec: str) -> None:
+    """Fail now, with a SourceError naming `spec`, if the text source cannot be read or is empty.
+
+    Reads only up to the first document, so a job can check its text before any long work.
+    """
+    for document in iter_documents(spec):
+        if document.strip():
+            return
+    raise SourceError(f"text '{spec}': holds no text")
+
+
 def build_windows(
     tokenizer,
     spec: str,
