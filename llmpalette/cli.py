@@ -100,6 +100,7 @@ def _report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    saved = (log.handlers[:], log.propagate, log.level)
     try:
         code = {"compress": _compress, "report": _report}[args.command](args)
         sys.stdout.flush()
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`llmpalette report --json | head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        log.handlers[:], log.propagate, log.level = saved
 
 
 if __name__ == "__main__":

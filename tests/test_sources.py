@@ -552,13 +552,21 @@ def test_hub_id_without_network_fails_in_one_line_in_a_fresh_process(tmp_path):
 
 
 def test_quiet_libraries_silences_progress_bars_and_info_logs():
-    import transformers
+    from transformers.utils import logging as transformers_logging
+    from huggingface_hub.utils import logging as hub_logging
 
-    quiet_libraries()
-    assert transformers.utils.logging.get_verbosity() == transformers.logging.ERROR
-    assert not transformers.utils.logging.is_progress_bar_enabled()
-    assert huggingface_hub.utils.are_progress_bars_disabled()
-    assert huggingface_hub.utils.logging.get_verbosity() == huggingface_hub.utils.logging.ERROR
+    levels = transformers_logging.get_verbosity(), hub_logging.get_verbosity()
+    try:
+        quiet_libraries()
+        assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert hub_logging.get_verbosity() == hub_logging.ERROR
+        assert huggingface_hub.utils.are_progress_bars_disabled()
+    finally:
+        transformers_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
+        transformers_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
 
 
 @pytest.mark.slow
