@@ -1,10 +1,17 @@
 """Weighted vector k-means (cluster_dim > 1), batched over groups.
 
 k-means in more than one dimension is NP-hard, so this is the usual heuristic: weighted greedy
-k-means++ seeding, then Lloyd iterations. The groups of a chunk run in lockstep; chunks are
-sized so that the [groups, n, k] distance tensor stays within `_CHUNK_BYTES`. Every random
-draw comes from a CPU `torch.Generator` and is drawn up front for all groups, so the result
-depends on the seed, not on the chunking or the thread count.
+k-means++ seeding, then Lloyd iterations. Groups are batched in chunks sized so that the
+[groups, n, k] distance tensor stays within `_CHUNK_BYTES`, but each group is its own problem:
+it stops on its own test and is then frozen while the others go on.
+
+Determinism: a group's result depends on its own values, weights and the seed only, not on
+the other groups, the chunking or the thread count. The seeding's uniform draws come from a
+CPU `torch.Generator` and are the same for every group. Lloyd uses only operations whose
+result for one group is independent of the rest of the batch: distances one coordinate at a
+time (elementwise), cluster sums by `scatter_add_` (sequential along the points), and the
+error by a pairwise sum of elementwise adds (`torch.sum` splits a lone long row across
+threads, so its rounding depends on the thread count and on the batch).
 """
 
 from __future__ import annotations
@@ -32,19 +39,20 @@ def kmeans_vector(
     values: [G, n, d] float. weights: [G, n] >= 0, or None for all ones; a group whose weights
     are all zero is clustered with uniform weights.
     Returns (centroids [G, k, d] float32, labels [G, n] int64: the nearest centroid, lowest index
-    on ties). Seeding is `kmeans_plusplus`; Lloyd then stops when no label changes, when the
-    weighted squared error improves by less than `tol` (relative), or after `max_iter`
-    iterations. A cluster left empty is re-seeded at the point farthest (weighted) from its
-    centroid. A group with fewer than k distinct positively weighted points gets those points
-    (in lexicographic order), the last repeated.
+    on ties). Seeding is `kmeans_plusplus`; then each group runs Lloyd until its own labels do
+    not change, its own weighted squared error improves by at most `tol` times its previous
+    error, or after `max_iter` centroid updates. A group that has stopped is not updated further,
+    so its result is the same whatever groups share the call. A cluster left empty is re-seeded
+    at the point farthest (weighted) from its centroid. A group with fewer than k distinct
+    positively weighted points gets those points (in lexicographic order), the last repeated.
     """
     _check_inputs(values, k, weights, max_iter, tol)
     x = values.detach().to(torch.float32)
     w = _effective_weights(x, weights)
-    draws = _seeding_draws(x.shape[0], k, seed).to(x.device)
+    draws = _seeding_draws(k, seed).to(x.device)
     centroids = torch.empty(x.shape[0], k, x.shape[2], dtype=torch.float32, device=x.device)
     for chunk in _chunks(x.shape, k):
-        seeds, exhausted = _seed_chunk(x[chunk], w[chunk], draws[:, chunk], k)
+        seeds, exhausted = _seed_chunk(x[chunk], w[chunk], draws, k)
         todo = ~exhausted  # groups with at least k distinct points; the others are final
         seeds[todo] = _lloyd(x[chunk][todo], w[chunk][todo], seeds[todo], max_iter, tol)
         centroids[chunk] = seeds
@@ -61,15 +69,16 @@ def kmeans_plusplus(
     centre so far) and the one that leaves the smallest weighted squared error is kept (the
     greedy variant of Arthur & Vassilvitskii's seeding, as in scikit-learn). A group that runs
     out of points with positive mass has no more distinct points: its centres become those
-    points in lexicographic order, the last repeated.
+    points in lexicographic order, the last repeated. Every group uses the same uniform draws
+    (from `seed`), so a group's centres do not depend on the other groups.
     """
     _check_inputs(values, k, weights, 1, 0.0)
     x = values.detach().to(torch.float32)
     w = _effective_weights(x, weights)
-    draws = _seeding_draws(x.shape[0], k, seed).to(x.device)
+    draws = _seeding_draws(k, seed).to(x.device)
     centroids = torch.empty(x.shape[0], k, x.shape[2], dtype=torch.float32, device=x.device)
     for chunk in _chunks(x.shape, k):
-        centroids[chunk] = _seed_chunk(x[chunk], w[chunk], draws[:, chunk], k)[0]
+        centroids[chunk] = _seed_chunk(x[chunk], w[chunk], draws, k)[0]
     return centroids
 
 
@@ -77,10 +86,10 @@ def _trials(k: int) -> int:
     return 2 + int(math.log(k))
 
 
-def _seeding_draws(G: int, k: int, seed: int) -> torch.Tensor:
-    """Every uniform draw of the seeding, [k, G, trials] float64, from a CPU generator."""
+def _seeding_draws(k: int, seed: int) -> torch.Tensor:
+    """Every uniform draw of the seeding, [k, trials] float64 shared by all groups, from a CPU generator."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(k, G, _trials(k), generator=generator, dtype=torch.float64)
+    return torch.rand(k, _trials(k), generator=generator, dtype=torch.float64)
 
 
 def _chunks(shape: torch.Size, k: int) -> list[slice]:
@@ -93,7 +102,7 @@ def _chunks(shape: torch.Size, k: int) -> list[slice]:
 
 
 def _seed_chunk(x: torch.Tensor, w: torch.Tensor, draws: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy k-means++ on x [g, n, d], w [g, n] with draws [k, g, trials] -> (centroids
+    """Greedy k-means++ on x [g, n, d], w [g, n] with draws [k, trials] -> (centroids
     [g, k, d], exhausted [g] bool: the group has fewer than k distinct points)."""
     g, n, d = x.shape
     rows = torch.arange(g, device=x.device)
@@ -105,7 +114,7 @@ def _seed_chunk(x: torch.Tensor, w: torch.Tensor, draws: torch.Tensor, k: int) -
         cumulative = torch.cumsum(mass, dim=1)  # [g, n]
         total = cumulative[:, -1:]
         exhausted |= total[:, 0] <= 0
-        step_draws = draws[j, :, :1] if j == 0 else draws[j]  # [g, t]
+        step_draws = (draws[j, :1] if j == 0 else draws[j]).expand(g, -1)  # [g, t]
         picks = torch.searchsorted(cumulative, step_draws * total, right=True).clamp(max=n - 1)  # [g, t]
         candidates = x[rows[:, None], picks]  # [g, t, d]
         sq = ((x[:, None] - candidates[:, :, None]).to(torch.float64) ** 2).sum(dim=-1)  # [g, t, n]
@@ -156,33 +165,68 @@ def _distinct_padded(points: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _lloyd(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
-    """Batched Lloyd iterations: x [g, n, d], w [g, n], centroids [g, k, d] -> centroids [g, k, d]."""
-    k = centroids.shape[1]
-    x_sq = (x * x).sum(dim=-1)  # [g, n]
-    labels = None
-    previous_error = torch.inf
+    """Lloyd iterations, each group to its own stop: x [g, n, d], w [g, n], centroids [g, k, d]
+    -> centroids [g, k, d].
+
+    A group stops when its labels do not change or its weighted squared error improves by at
+    most `tol` times its previous error; it is then dropped from the batch, so the groups still
+    running never move it and its centroids are those it would reach alone.
+    """
+    centroids = centroids.clone()
+    active = torch.arange(x.shape[0], device=x.device)  # the groups still running
+    xa, wa = x, w
+    labels = previous_error = None
     for _ in range(max_iter):
-        dist = _squared_distances(x, x_sq, centroids)  # [g, n, k]
-        nearest_dist, new_labels = dist.min(dim=-1)
-        error = float((w * nearest_dist).sum())
-        if labels is not None and (torch.equal(new_labels, labels) or previous_error - error <= tol * previous_error):
-            break
+        nearest_dist, new_labels = _squared_distances(xa[:, :, None], centroids[active][:, None]).min(dim=-1)  # [a, n]
+        error = _row_sums(wa.to(torch.float64) * nearest_dist.to(torch.float64))  # [a]
+        if labels is not None:
+            running = ~((new_labels == labels).all(dim=1) | (previous_error - error <= tol * previous_error))
+            if not bool(running.all()):
+                active, xa, wa, new_labels, error = (t[running] for t in (active, xa, wa, new_labels, error))
+            if active.numel() == 0:
+                break
         labels, previous_error = new_labels, error
-        one_hot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * w[..., None]  # [g, n, k]
-        mass = one_hot.sum(dim=1)  # [g, k]
-        sums = one_hot.transpose(1, 2) @ x  # [g, k, d]
-        filled = mass > 0
-        centroids = torch.where(filled[..., None], sums / mass.clamp(min=torch.finfo(x.dtype).tiny)[..., None], centroids)
-        if not bool(filled.all()):
-            centroids = _reseed_empty(x, w, centroids, labels, filled)
+        centroids[active] = _means(xa, wa, labels, centroids[active])
     return centroids
 
 
-def _squared_distances(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """||x - c||^2 for every point and centroid: [g, n, d], [g, n], [g, k, d] -> [g, n, k] (>= 0)."""
-    c_sq = (centroids * centroids).sum(dim=-1)  # [g, k]
-    dist = torch.baddbmm(x_sq[..., None] + c_sq[:, None, :], x, centroids.transpose(1, 2), alpha=-2.0)
-    return dist.clamp(min=0)
+def _means(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The weighted mean of each cluster, [g, n, d], [g, n], [g, n], [g, k, d] -> [g, k, d]; an
+    empty cluster is re-seeded (`_reseed_empty`). Sums in float64 by `scatter_add_`, which adds a
+    cluster's points in order, whatever else is in the batch."""
+    g, n, d = x.shape
+    k = centroids.shape[1]
+    w64 = w.to(torch.float64)
+    mass = torch.zeros(g, k, dtype=torch.float64, device=x.device).scatter_add_(1, labels, w64)  # [g, k]
+    sums = torch.zeros(g, k, d, dtype=torch.float64, device=x.device).scatter_add_(
+        1, labels[..., None].expand(-1, -1, d), w64[..., None] * x.to(torch.float64)
+    )  # [g, k, d]
+    filled = mass > 0
+    means = (sums / torch.where(filled, mass, 1.0)[..., None]).to(torch.float32)
+    centroids = torch.where(filled[..., None], means, centroids)
+    if bool(filled.all()):
+        return centroids
+    return _reseed_empty(x, w, centroids, labels, filled)
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j (a_j - b_j)^2 over the last dim of two broadcastable tensors, one coordinate at a
+    time: elementwise, so exact differences and nothing that depends on the rest of the batch."""
+    dist = (a[..., 0] - b[..., 0]).square()
+    for j in range(1, a.shape[-1]):
+        dist += (a[..., j] - b[..., j]).square()
+    return dist
+
+
+def _row_sums(t: torch.Tensor) -> torch.Tensor:
+    """[g, n] -> [g]: pairwise sums by halving the zero-padded rows. Elementwise adds only, so a
+    row's sum is the same bits whatever the other rows and the thread count."""
+    size = 1 << (t.shape[1] - 1).bit_length()
+    t = torch.nn.functional.pad(t, (0, size - t.shape[1]))
+    while t.shape[1] > 1:
+        half = t.shape[1] // 2
+        t = t[:, :half] + t[:, half:]
+    return t[:, 0]
 
 
 def _reseed_empty(
@@ -193,7 +237,7 @@ def _reseed_empty(
     points with a positive distance qualify; an empty cluster without one keeps its centroid."""
     centroids = centroids.clone()
     own = torch.gather(centroids, 1, labels[..., None].expand(-1, -1, x.shape[2]))  # [g, n, d]
-    far = w * ((x - own) ** 2).sum(dim=-1)  # [g, n]
+    far = w * _squared_distances(x, own)  # [g, n]
     farthest = torch.sort(far, dim=1, descending=True, stable=True).indices  # [g, n]
     for g in (~filled).any(dim=1).nonzero()[:, 0].tolist():
         empty = (~filled[g]).nonzero()[:, 0]
