@@ -144,3 +144,9 @@ def test_a_layer_file_from_a_real_job_reads_as_the_readme_says(tmp_path, tiny_ll
     path.write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         read_layer_file(path)
+
+
+def test_a_folder_with_other_files_is_not_taken_for_a_job(tmp_path, tiny_llama_dir):
+    with pytest.raises(JobError, match="holds other files .*config.json.* and no job"):
+        run_job(recipe_for(tiny_llama_dir), tiny_llama_dir, progress=False)
+    assert not (tiny_llama_dir / "manifest.json").exists()

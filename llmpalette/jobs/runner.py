@@ -135,6 +135,12 @@ def _check_job_dir(recipe: Recipe, job_dir: Path, identity: dict, resume: bool) 
     if job_dir.exists() and not job_dir.is_dir():
         raise JobError(f"--job-dir {job_dir} is a file, not a folder")
     if not Manifest.exists(job_dir):
+        # Only what a start killed before its first manifest leaves may be there (recipe.yaml, tokenizer/).
+        foreign = [p.name for p in job_dir.iterdir() if p.name not in ("recipe.yaml", TOKENIZER_DIR)
+                   and ".tmp-" not in p.name] if job_dir.is_dir() else []
+        if foreign:
+            raise JobError(f"--job-dir {job_dir} is a folder that holds other files ({', '.join(sorted(foreign)[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}) and no job; choose a new or empty folder")
         return identity
     if not resume:
         raise JobError(f"{job_dir} already holds a job; pass --resume to continue it, or choose another --job-dir")

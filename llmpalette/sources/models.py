@@ -156,6 +156,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
+    # transformers' GGUF loader draws a plain tqdm bar that its switch above does not reach.
+    os.environ["TQDM_DISABLE"] = "1"
 
 
 def _resolve(spec: str, what: str) -> ModelSource:
