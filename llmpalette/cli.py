@@ -89,8 +89,11 @@ def _report(args) -> int:
     from llmpalette.jobs.manifest import Manifest
 
     _setup_output(args.quiet)
-    compressed_weights(Manifest.load(Path(args.job_dir)))  # an unfinished or corrupt job is refused here
-    report = read_report(args.job_dir) or build_report(args.job_dir, progress=not args.quiet)
+    report = read_report(args.job_dir)
+    if report is None:
+        report = build_report(args.job_dir, progress=not args.quiet)  # refuses an unfinished or corrupt job first
+    else:
+        compressed_weights(Manifest.load(Path(args.job_dir)))  # the job may have been damaged since its report
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -311,7 +311,7 @@ class OptimizationConfig:
         classes = [k for k in self.module_type_configs if isinstance(k, type)]
         for name in (k for k in self.module_type_configs if isinstance(k, str)):
             for cls in classes:
-                if _type_matches(name, cls) and _freeze_value(self.module_type_configs[name]) != _freeze_value(self.module_type_configs[cls]):
+                if _type_matches(name, cls) and freeze_config(self.module_type_configs[name]) != freeze_config(self.module_type_configs[cls]):
                     raise ConfigError(
                         f"module_type_configs.{name}",
                         f"configures the same type as the key {_type_key(cls)} differently; keep one of them",
@@ -343,9 +343,10 @@ def _builtin_type(key: str) -> type | None:
     return None
 
 
-def _freeze_value(value: Any) -> Any:
+def freeze_config(value: Any) -> Any:
+    """A hashable, comparable form of a module config (or None, or a list of them)."""
     if isinstance(value, list):
-        return tuple(_freeze_value(v) for v in value)
+        return tuple(freeze_config(v) for v in value)
     return None if value is None else (type(value).__name__, tuple(sorted(value.as_dict().items(), key=lambda kv: kv[0])))
 
 

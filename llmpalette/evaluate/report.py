@@ -18,13 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmpalette.errors import JobError
 from llmpalette.evaluate.perplexity import perplexity
-from llmpalette.jobs.compressed import compressed_weights
+from llmpalette.jobs.compressed import Weights, apply_weights, compressed_weights, job_tokenizer
 from llmpalette.jobs.files import atomic_write_bytes, atomic_write_text, sha256_bytes
 from llmpalette.jobs.manifest import Manifest
-from llmpalette.jobs.runner import TOKENIZER_DIR
-from llmpalette.layout.palettized import PalettizedWeight
+from llmpalette.jobs.runner import fingerprint
 from llmpalette.modules import parameter_bytes
 from llmpalette.recipe import DTYPES
 from llmpalette.sources.models import DEFAULT_MODEL, DEFAULT_PACKAGE, load_model
@@ -37,8 +35,6 @@ EVAL_CACHE_FORMAT = "llmpalette-eval-cache/1"
 DEGRADED_RATIO, COLLAPSED_RATIO = 1.5, 10.0
 NO_TOKENIZER = "no tokenizer: the model has none; pass --tokenizer (or `tokenizer:` in the recipe) to evaluate"
 NO_WINDOWS = "evaluate.windows is 0"
-
-Weights = dict[str, tuple[str, list[str], PalettizedWeight]]  # module name -> (param, tied names, weight)
 
 
 def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | None = None) -> dict[str, Any]:
@@ -60,9 +56,9 @@ def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | 
     """
     job_dir = Path(job_dir)
     manifest = Manifest.load(job_dir)
-    weights = _verified_weights(manifest)
+    weights = compressed_weights(manifest)
     recipe = manifest.data["recipe"]
-    model, tokenizer = loaded or _load_source(job_dir, recipe)
+    model, tokenizer = loaded or load_model(recipe["model"], dtype=DTYPES[recipe["dtype"]], tokenizer=job_tokenizer(job_dir, recipe))
     baseline_bytes = parameter_bytes(model, 2)
     parameters = parameter_bytes(model, 1)
     evaluation = _evaluate(model, tokenizer, weights, manifest, progress)
@@ -87,33 +83,6 @@ def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | 
     return report
 
 
-def _verified_weights(manifest: Manifest) -> Weights:
-    """Every stage of the recipe done and every unit's files intact (sha256), read once; else JobError."""
-    stages, planned = manifest.data["stages"], manifest.data["recipe"]["stages"]
-    unfinished = [s["name"] for s in stages if s["status"] != "done"] + [f"{i}-{s['algorithm']}" for i, s in enumerate(planned) if i >= len(stages)]
-    if unfinished:
-        raise JobError(f"job {manifest.job_dir} is not finished (stage {', '.join(unfinished)} not done); "
-                       f"run `llmpalette compress RECIPE --job-dir {manifest.job_dir} --resume` to finish it")
-    return compressed_weights(manifest)
-
-
-def _load_source(job_dir: Path, recipe: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """The job's float model, and its tokenizer: the copy the job saved, else the recipe's, else the model's own."""
-    saved = job_dir / TOKENIZER_DIR
-    tokenizer = str(saved) if saved.is_dir() else recipe.get("tokenizer")
-    return load_model(recipe["model"], dtype=DTYPES[recipe["dtype"]], tokenizer=tokenizer)
-
-
-def _apply_weights(model: nn.Module, weights: Weights, job_dir: Path) -> None:
-    """Overwrite `model`'s compressed weights, in place, with the decoded values of already-read units."""
-    for name, (param, _, palettized) in weights.items():
-        target = getattr(model.get_submodule(name), param)
-        if tuple(target.shape) != tuple(palettized.shape):
-            raise JobError(f"job {job_dir}: {name}.{param} has shape {list(target.shape)} in the model but {list(palettized.shape)} in the job")
-        with torch.no_grad():
-            target.copy_(palettized.decode().to(target.dtype))
-
-
 def _evaluate(model: nn.Module, tokenizer, weights: Weights, manifest: Manifest, progress: bool) -> dict[str, Any]:
     """Perplexity of the float model (cached in the job), then of the model with the job's weights applied."""
     recipe = manifest.data["recipe"]
@@ -126,7 +95,7 @@ def _evaluate(model: nn.Module, tokenizer, weights: Weights, manifest: Manifest,
     windows = text.evaluation  # [windows, seq_len]
     evaluation.update(measured=True, text=text.description)
     evaluation.update(_float_perplexity(model, windows, manifest, text.description, progress))
-    _apply_weights(model, weights, manifest.job_dir)
+    apply_weights(model, weights, manifest.job_dir)
     started = time.perf_counter()
     evaluation["perplexity_after"] = perplexity(model, windows, batch_size=spec["batch_size"], progress=progress, desc="perplexity (compressed)")
     evaluation["seconds_after"] = round(time.perf_counter() - started, 2)
@@ -156,7 +125,7 @@ def _cache_key(manifest: Manifest, description: dict[str, Any], windows: torch.T
     between the source model's tokenizer and the job's saved copy of it. batch_size changes nothing.
     """
     return {
-        "model": {k: v for k, v in manifest.data["model"].items() if k != "location"},
+        "model": fingerprint(manifest.data["model"]),
         "dtype": manifest.data["recipe"]["dtype"],
         "text": {"source": description["source"], "rule": description["rule"]},
         "windows": int(windows.shape[0]),

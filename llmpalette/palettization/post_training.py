@@ -19,7 +19,7 @@ import numba
 import torch
 from torch import nn
 
-from llmpalette.config import ModuleOptimizationConfig, OptimizationConfig
+from llmpalette.config import ModuleOptimizationConfig, OptimizationConfig, freeze_config
 from llmpalette.errors import ConfigError
 from llmpalette.layout.palettized import PalettizedWeight, group_view
 from llmpalette.maths.assign import nearest
@@ -29,6 +29,7 @@ from llmpalette.maths.lut import dequantize_lut, quantize_lut
 from llmpalette.modules import SUPPORTED_MODULES, WeightUnit, get_weight, set_weight, weight_units
 
 log = logging.getLogger("llmpalette")
+UNSUPPORTED_TYPE = "type not supported"  # SkippedModule.reason of a module palettization cannot take
 
 Granularity = Literal["per_tensor", "per_channel", "per_grouped_channel"]
 LutDtype = Literal["float32", "float16", "int8", "uint8"]
@@ -240,10 +241,10 @@ class Plan(list):
     def log_skipped(self) -> None:
         """One log line per supported module left alone, one per unsupported type (with a count)."""
         for s in self.skipped:
-            if s.reason.startswith("type"):
+            if s.reason == UNSUPPORTED_TYPE:
                 continue
             log.info("left alone: %s (%s): %s", " = ".join(s.names), s.module_type, s.reason)
-        by_type = Counter(s.module_type for s in self.skipped if s.reason.startswith("type"))
+        by_type = Counter(s.module_type for s in self.skipped if s.reason == UNSUPPORTED_TYPE)
         for module_type, count in by_type.items():
             log.info("left alone: %d %s module(s): type not supported by palettization", count, module_type)
 
@@ -330,11 +331,11 @@ def plan_units(model: nn.Module, config: OptimizationConfig) -> Plan:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and not isinstance(module, SUPPORTED_MODULES):
-            skipped.append(SkippedModule((name,), type(module).__name__, "type not supported"))
+            skipped.append(SkippedModule((name,), type(module).__name__, UNSUPPORTED_TYPE))
     for unit in weight_units(model):
         resolved = {name: config.resolve(name, model.get_submodule(name)) for name in unit.names}
         configs = {name: chosen for name, (chosen, _) in resolved.items()}
-        distinct = {None if c is None else _freeze(c) for c in configs.values()}
+        distinct = {freeze_config(c) for c in configs.values()}
         if len(distinct) > 1:
             listing = ", ".join(f"{n} -> {'skip' if c is None else 'compress'}" for n, c in configs.items())
             raise ConfigError(
@@ -353,7 +354,3 @@ def plan_units(model: nn.Module, config: OptimizationConfig) -> Plan:
         chosen.check_weight(unit.shape, unit.name)
         planned.append(PlannedUnit(unit, chosen))
     return Plan(planned, skipped)
-
-
-def _freeze(config: ModuleOptimizationConfig) -> tuple:
-    return (type(config).__name__, tuple(sorted(dataclasses.asdict(config).items())))
