@@ -138,6 +138,9 @@ class ModuleOptimizationConfig:
 ModuleConfigValue = Union[ModuleOptimizationConfig, None, list]
 
 
+_LEVELS = ("global_config", "module_type_configs", "module_name_configs")
+
+
 @dataclasses.dataclass
 class OptimizationConfig:
     """Model-level config: which modules get which `ModuleOptimizationConfig`.
@@ -172,6 +175,15 @@ class OptimizationConfig:
         for key in self.module_type_configs:
             self._check_type_key(key)
         self._check_type_conflicts()
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks of a subclass's own top-level fields (e.g. `calibration_nsamples`); raise ConfigError."""
+
+    @classmethod
+    def _top_level_fields(cls) -> tuple[str, ...]:
+        """Fields beside the three config levels that a subclass adds (Core ML Tools' `calibration_nsamples`)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _LEVELS)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -180,7 +192,7 @@ class OptimizationConfig:
             config_dict = {}
         if not isinstance(config_dict, Mapping):
             raise ConfigError("", f"expected a mapping with global_config / module_type_configs / module_name_configs, got {config_dict!r}")
-        known = ("global_config", "module_type_configs", "module_name_configs")
+        known = (*_LEVELS, *cls._top_level_fields())
         for key in config_dict:
             if key not in known:
                 raise ConfigError(str(key), f"unknown field; known fields: {', '.join(known)}")
@@ -201,7 +213,9 @@ class OptimizationConfig:
             if not isinstance(key, str):
                 raise ConfigError(field, f"keys are module names (regular expressions), got {key!r}")
             name_configs[key] = None if value is None else _module_from_dict(module_cls, value, field)
-        config = cls(global_config=global_config, module_type_configs=type_configs, module_name_configs=name_configs)
+        hints = typing.get_type_hints(cls)
+        extras = {key: _check_value(config_dict[key], hints[key], key) for key in cls._top_level_fields() if key in config_dict}
+        config = cls(global_config=global_config, module_type_configs=type_configs, module_name_configs=name_configs, **extras)
         if "global_config" in config_dict and config_dict["global_config"] is None:
             config.global_config = None
         return config
@@ -220,6 +234,7 @@ class OptimizationConfig:
             "global_config": one(self.global_config),
             "module_type_configs": {_type_key(k): one(v) for k, v in self.module_type_configs.items()},
             "module_name_configs": {k: one(v) for k, v in self.module_name_configs.items()},
+            **{name: getattr(self, name) for name in self._top_level_fields()},
         }
 
     def set_global(self, global_config: ModuleOptimizationConfig | None) -> "OptimizationConfig":

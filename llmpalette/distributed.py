@@ -53,6 +53,14 @@ def start(cpu: bool = False) -> World:
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
+def current_world() -> World:
+    """This process's place in an already joined group (a world of one when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return World(dist.get_rank(), dist.get_world_size(), device)
+    return World(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -74,6 +82,41 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_to(tensor: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
+    """Every rank's `tensor` (same shape and dtype everywhere), in rank order, on rank `dst`; None elsewhere."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tensor]
+    tensor = tensor.contiguous()
+    if dist.get_rank() == dst:
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.gather(tensor, out, dst=dst)
+        return out
+    dist.gather(tensor, None, dst=dst)
+    return None
+
+
+def broadcast_tensor(tensor: torch.Tensor | None, like: torch.Tensor, src: int) -> torch.Tensor:
+    """Rank `src`'s `tensor` on every rank (the others pass None and get a new tensor shaped `like`, float32)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    if dist.get_rank() != src:
+        tensor = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def owners_by_size(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Deal named items to ranks so that each rank's total size is balanced: largest first, each to
+    the rank with the least so far (lowest rank on ties). Deterministic; every rank computes the same."""
+    load = [0] * world_size
+    owners: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return {name: owners[name] for name in sizes}
 
 
 def shutdown() -> None:

@@ -16,6 +16,11 @@ Vectors may also run along the channel axis itself (`vector_axis == channel_axis
 convention and the one its iOS18 models use): a vector is `cluster_dim` consecutive channels of
 one group (so `cluster_dim` must divide `group_size`), and a group reads as
 `[group_size / cluster_dim, M, cluster_dim]`: vector rows first, then the other axes in order.
+
+Dense-and-sparse (SqueezeLLM): optional outliers are weights kept exactly, as a sparse part beside
+the LUT: `outlier_positions` (int32, ascending flat row-major positions in `shape`) and
+`outlier_values` (float16, the weights' values at the precision of the float16 model). Decoding
+writes them over the LUT values; every element still has an index (the one the LUT gave it).
 """
 
 import json
@@ -33,7 +38,8 @@ _FLOAT_LUT_DTYPES = (torch.float32, torch.float16)
 _QUANTIZED_LUT_DTYPES = (torch.int8, torch.uint8)
 _GROUPING_FIELDS = ("shape", "channel_axis", "group_size", "cluster_dim", "vector_axis")
 _LAYOUT_FIELDS = ("shape", "n_bits", "channel_axis", "group_size", "cluster_dim", "vector_axis")
-_OPTIONAL_TENSORS = ("lut_scale", "lut_zero_point", "channel_scale")
+_OPTIONAL_TENSORS = ("lut_scale", "lut_zero_point", "channel_scale", "outlier_positions", "outlier_values")
+OUTLIER_VALUE_DTYPE = torch.float16
 
 
 def _is_int(value: object) -> bool:
@@ -204,6 +210,8 @@ class PalettizedWeight:
     lut_scale: torch.Tensor | None = None  # [n_groups, 1, 1] float32 iff lut is int8 | uint8
     lut_zero_point: torch.Tensor | None = None  # [n_groups, 1, 1] uint8 iff lut is uint8
     channel_scale: torch.Tensor | None = None  # [shape[0]] float32, multiplied along axis 0
+    outlier_positions: torch.Tensor | None = None  # [n_outliers] int32, ascending flat positions
+    outlier_values: torch.Tensor | None = None  # [n_outliers] float16, kept exactly
 
     def __post_init__(self) -> None:
         _check_n_bits(self.n_bits)
@@ -219,6 +227,27 @@ class PalettizedWeight:
         self._check_lut_quantization(n_groups)
         if self.channel_scale is not None:
             _check_tensor("channel_scale", self.channel_scale, (torch.float32,), (self.shape[0],))
+        self._check_outliers()
+
+    def _check_outliers(self) -> None:
+        if self.outlier_positions is None and self.outlier_values is None:
+            return
+        if self.outlier_positions is None or self.outlier_values is None:
+            raise ConfigError("outlier_positions", "outlier_positions and outlier_values come together")
+        count = self.outlier_positions.numel()
+        _check_tensor("outlier_positions", self.outlier_positions, (torch.int32,), (count,))
+        _check_tensor("outlier_values", self.outlier_values, (OUTLIER_VALUE_DTYPE,), (count,))
+        if count:
+            positions = self.outlier_positions.to(torch.int64)
+            if int(positions[0]) < 0 or int(positions[-1]) >= math.prod(self.shape) or (
+                count > 1 and not bool((positions[1:] > positions[:-1]).all())
+            ):
+                raise ConfigError("outlier_positions", f"must be distinct, ascending and in [0, {math.prod(self.shape)})")
+
+    @property
+    def n_outliers(self) -> int:
+        """Weights kept exactly in the sparse part (0 without outliers)."""
+        return 0 if self.outlier_positions is None else self.outlier_positions.numel()
 
     def _check_lut_quantization(self, n_groups: int) -> None:
         if self.lut.dtype in _FLOAT_LUT_DTYPES:
@@ -247,6 +276,8 @@ class PalettizedWeight:
         lut_scale: torch.Tensor | None = None,
         lut_zero_point: torch.Tensor | None = None,
         channel_scale: torch.Tensor | None = None,
+        outlier_positions: torch.Tensor | None = None,
+        outlier_values: torch.Tensor | None = None,
     ) -> "PalettizedWeight":
         """Build from a LUT and the entry each element chose.
 
@@ -283,6 +314,8 @@ class PalettizedWeight:
             lut_scale=lut_scale,
             lut_zero_point=lut_zero_point,
             channel_scale=channel_scale,
+            outlier_positions=outlier_positions,
+            outlier_values=outlier_values,
         )
 
     @property
@@ -297,7 +330,7 @@ class PalettizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """The compressed size: bytes of every stored tensor (LUT, indices, scales)."""
+        """The compressed size: bytes of every stored tensor (LUT, indices, scales, outliers)."""
         return sum(t.numel() * t.element_size() for t in self._stored_tensors().values())
 
     def labels(self) -> torch.Tensor:
@@ -316,14 +349,18 @@ class PalettizedWeight:
         """The dense weight of `shape`: the definition of what this weight is.
 
         Computed in float32 (LUT lookup, then the channel scale along axis 0 if any, one rounding
-        each) and cast to `dtype` at the end, so it is bit-exact and deterministic everywhere.
+        each; then the outliers written over their positions) and cast to `dtype` at the end, so it
+        is bit-exact and deterministic everywhere.
         """
         index = self.labels().unsqueeze(-1).expand(-1, -1, self.cluster_dim)
         groups = torch.gather(self.decoded_lut(), 1, index)  # [n_groups, n_per_group, cluster_dim]
         weight = ungroup_view(groups, **self._grouping())
         if self.channel_scale is not None:
             weight = weight * self.channel_scale.view(-1, *[1] * (len(self.shape) - 1))
-        return weight.contiguous().to(dtype)
+        weight = weight.contiguous()
+        if self.n_outliers:
+            weight.view(-1)[self.outlier_positions.to(torch.int64)] = self.outlier_values.to(torch.float32)
+        return weight.to(dtype)
 
     def _grouping(self) -> dict[str, object]:
         return {field: getattr(self, field) for field in _GROUPING_FIELDS}
@@ -339,7 +376,8 @@ class PalettizedWeight:
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The stored tensors as contiguous CPU tensors keyed `f"{prefix}.{name}"`, for safetensors.
 
-        Names: `lut`, `indices`, and `lut_scale`, `lut_zero_point`, `channel_scale` when present.
+        Names: `lut`, `indices`, and `lut_scale`, `lut_zero_point`, `channel_scale`,
+        `outlier_positions`, `outlier_values` when present.
         """
         return {
             f"{prefix}.{name}": tensor.detach().cpu().contiguous()
@@ -398,7 +436,7 @@ class PalettizedWeight:
             f"PalettizedWeight(shape={self.shape}, n_bits={self.n_bits}, "
             f"channel_axis={self.channel_axis}, group_size={self.group_size}"
             f"{vector if self.cluster_dim > 1 else ''}, lut={lut}, "
-            f"channel_scale={self.channel_scale is not None}, nbytes={self.nbytes})"
+            f"channel_scale={self.channel_scale is not None}, outliers={self.n_outliers}, nbytes={self.nbytes})"
         )
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from llmpalette.config import ModuleOptimizationConfig, OptimizationConfig, freeze_config
 from llmpalette.errors import ConfigError
-from llmpalette.layout.palettized import PalettizedWeight, group_view
+from llmpalette.layout.palettized import OUTLIER_VALUE_DTYPE, PalettizedWeight, group_view
 from llmpalette.maths.assign import nearest
 from llmpalette.maths.kmeans1d import kmeans_1d
 from llmpalette.maths.kmeans_vector import kmeans_vector
@@ -153,29 +153,55 @@ def vector_axis(channel_axis: int) -> int:
     return channel_axis
 
 
-def palettize_weight(weight: torch.Tensor, config: ModulePostTrainingPalettizerConfig, *, seed: int = 0) -> PalettizedWeight:
-    """Palettize one weight tensor: the optimal LUT per group (exact 1-D k-means; Lloyd for vectors) and indices."""
+def palettize_weight(
+    weight: torch.Tensor,
+    config: ModulePostTrainingPalettizerConfig,
+    *,
+    seed: int = 0,
+    importance: torch.Tensor | None = None,
+    outliers: torch.Tensor | None = None,
+) -> PalettizedWeight:
+    """Palettize one weight tensor: the optimal LUT per group (exact 1-D k-means; Lloyd for vectors) and indices.
+
+    importance: per-weight weights of the k-means (Fisher sensitivities, shape of `weight`, >= 0):
+        each LUT minimises sum importance * (w - w_hat)^2 over its group (exactly for scalar LUTs;
+        a vector weighs by the sum of its elements' importance). None: plain k-means.
+    outliers: bool mask (shape of `weight`) of weights kept exactly in the sparse part
+        (dense-and-sparse); they take no part in fitting the LUTs.
+    """
     w = weight.detach().to(torch.float32)
+    imp = None if importance is None else importance.detach().to(device=w.device, dtype=torch.float32)
+    if outliers is not None and bool(outliers.any()):
+        imp = (torch.ones_like(w) if imp is None else imp).masked_fill(outliers.to(w.device), 0.0)
     channel_scale = None
     if config.enable_per_channel_scale:
         channel_scale = w.abs().amax(dim=tuple(range(1, w.dim())))  # [out]
         channel_scale = torch.where(channel_scale > 0, channel_scale, torch.ones_like(channel_scale))
-        w = w / channel_scale.view(-1, *([1] * (w.dim() - 1)))
+        view = channel_scale.view(-1, *([1] * (w.dim() - 1)))
+        w = w / view
+        if imp is not None:
+            imp = imp * view.square()  # the error in the unscaled weight: imp * s^2 * (w' - w_hat')^2
     d = config.vector_size
     axis_v = vector_axis(config.channel_axis) if d > 1 else None
     group_size = config.channels_per_lut(tuple(w.shape))
     groups = group_view(w, config.channel_axis, group_size, d, axis_v)  # [G, n, d]
+    group_weights = None if imp is None else group_view(imp, config.channel_axis, group_size, d, axis_v).sum(dim=-1)
     k = 2**config.n_bits
     if d == 1:
-        centroids, _ = kmeans_1d(groups[..., 0], k)
+        centroids, _ = kmeans_1d(groups[..., 0], k, group_weights)
         lut = centroids.unsqueeze(-1)  # [G, K, 1]
     else:
-        lut, _ = kmeans_vector(groups, k, seed=seed)
+        lut, _ = kmeans_vector(groups, k, group_weights, seed=seed)
     if config.enforce_zero:
         lut = _pin_zero(lut)
     lut_q, lut_scale, lut_zero_point = _store_lut(lut, config.lut_dtype)
     decoded = lut_q.to(torch.float32) if lut_scale is None else dequantize_lut(lut_q, lut_scale, lut_zero_point)
     labels = nearest(groups, decoded)
+    positions = values = None
+    if outliers is not None:
+        positions = outliers.detach().flatten().nonzero().flatten()
+        values = weight.detach().flatten()[positions].to(OUTLIER_VALUE_DTYPE)
+        positions = positions.to(torch.int32)
     return PalettizedWeight.from_assignment(
         lut_q,
         labels,
@@ -188,6 +214,8 @@ def palettize_weight(weight: torch.Tensor, config: ModulePostTrainingPalettizerC
         lut_scale=lut_scale,
         lut_zero_point=lut_zero_point,
         channel_scale=channel_scale,
+        outlier_positions=positions,
+        outlier_values=values,
     )
 
 
@@ -207,11 +235,13 @@ def _store_lut(lut: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tenso
     return quantize_lut(lut.to(torch.float32), dtype)
 
 
-def relative_error(weight: torch.Tensor, decoded: torch.Tensor) -> float:
-    """||W - W_hat||^2 / ||W||^2, the per-layer reconstruction error the reports show."""
+def relative_error(weight: torch.Tensor, decoded: torch.Tensor, importance: torch.Tensor | None = None) -> float:
+    """||W - W_hat||^2 / ||W||^2, the per-layer reconstruction error the reports show; with
+    `importance` F, the Fisher-weighted sum F (W - W_hat)^2 / sum F W^2."""
     w = weight.detach().to(torch.float64)
-    denom = float(w.square().sum())
-    return float((w - decoded.to(torch.float64)).square().sum()) / denom if denom > 0 else 0.0
+    f = torch.ones_like(w) if importance is None else importance.detach().to(torch.float64)
+    denom = float((f * w.square()).sum())
+    return float((f * (w - decoded.to(torch.float64)).square()).sum()) / denom if denom > 0 else 0.0
 
 
 @dataclass(frozen=True)

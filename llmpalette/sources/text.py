@@ -119,6 +119,54 @@ def build_windows(
                        evaluation.windows(evaluation_windows, seq_len), description)
 
 
+def calibration_windows(
+    tokenizer,
+    spec: str,
+    *,
+    seq_len: int,
+    count: int,
+    wanted=None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Calibration windows 0..count-1 of `spec`, lazily: yields (index, window [seq_len] int64).
+
+    The same windows as `build_windows(...).calibration`, cut from the calibration documents only
+    (never a held-out one), tokenized one document at a time; at most one window plus one document's
+    tokens are held. `wanted(index)` picks the windows to yield (a rank's own samples); the others
+    are cut and dropped. Too little text is a SourceError once the text runs out.
+    """
+    if count < 0 or seq_len < 1:
+        raise ConfigError("count" if count < 0 else "seq_len", "must be >= 0" if count < 0 else "must be >= 1")
+    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    buffer: list[int] = []
+    index = documents = 0
+    if count == 0:
+        return
+    for position, text in enumerate(iter_documents(spec)):
+        if is_held_out(position):
+            continue
+        if documents:
+            buffer.extend(separator)
+        buffer.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        documents += 1
+        start = 0
+        while len(buffer) - start >= seq_len:
+            if wanted is None or wanted(index):
+                yield index, torch.tensor(buffer[start : start + seq_len], dtype=torch.int64)
+            start += seq_len
+            index += 1
+            if index == count:
+                return
+        del buffer[:start]
+    raise SourceError(f"text '{spec}' is too short for {count} calibration windows of {seq_len} tokens "
+                      f"({HELD_OUT_RULE}): {index} available; use more text, fewer samples or a shorter seq_len")
+
+
+def check_calibration_text(tokenizer, spec: str, *, seq_len: int, count: int) -> None:
+    """Fail now, with a SourceError, if `spec` cannot give `count` calibration windows (tokenizes, holds none)."""
+    for _ in calibration_windows(tokenizer, spec, seq_len=seq_len, count=count, wanted=lambda index: False):
+        pass
+
+
 @dataclass
 class _PartStream:
     """One part's token stream, filled document by document until it holds `wanted` tokens."""

@@ -1,0 +1,211 @@
+"""Fisher sensitivities: for each weight, the sum over calibration samples of the squared gradient of
+that sample's loss, in float32 (the diagonal of the empirical Fisher information; SqueezeLLM, Core ML
+Tools' SKMPalettizer).
+
+Per sample, not per batch: the square of a batch's summed gradient is not the sum of the samples'
+squares, so every sample gets its own backward pass (`split_batch` cuts a batch into samples). A
+post-accumulate-grad hook adds each parameter's `grad ** 2` into its float32 accumulator as soon as
+the gradient is ready and frees the gradient, so no second full-size buffer exists beside the sums.
+
+Deterministic for any number of ranks. Samples are numbered; sample i belongs to shard
+i // shard_size; shards are dealt to ranks in rounds (shard s is computed by rank s % world_size).
+Each shard's sum starts from zero and adds its samples in order. After each round, every layer's
+shard sums travel to the rank that owns the layer (owners balanced by size) and are added to its
+total one shard at a time, in shard order. One process does exactly the same additions in the same
+order, so 1 and N ranks give the same bits. This module knows no algorithm and writes no file: the
+caller checkpoints through `on_round`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmpalette import distributed
+from llmpalette.distributed import World
+
+log = logging.getLogger("llmpalette")
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+def causal_lm_loss(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy of one token window (1-D or [1, seq_len]) under a causal LM."""
+    ids = sample.view(1, -1).to(next(model.parameters()).device)
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def split_batch(batch: object) -> list[object]:
+    """The single samples of a batch: a tensor of 2 or more dimensions, or a tuple / list / mapping whose
+    first tensor has 2 or more, is split along the first dimension (each sample keeps a batch dimension
+    of 1; other tensors with the same first size are split alike). A 1-D tensor (one token window) and
+    anything else is one sample."""
+    tensors = [batch] if isinstance(batch, torch.Tensor) else (
+        list(batch.values()) if isinstance(batch, Mapping) else list(batch) if isinstance(batch, (tuple, list)) else [])
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not tensors or tensors[0].dim() < 2 or tensors[0].shape[0] <= 1:
+        return [batch]
+    n = tensors[0].shape[0]
+
+    def take(value, i):
+        return value[i : i + 1] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
+
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(1))
+    if isinstance(batch, Mapping):
+        return [{k: take(v, i) for k, v in batch.items()} for i in range(n)]
+    return [type(batch)(take(v, i) for v in batch) for i in range(n)]
+
+
+class SquaredGradients:
+    """`with SquaredGradients(params) as sq:` every backward pass adds grad ** 2 (float32) of each named
+    parameter into `sq.sums[name]` and frees the gradient at once. Tied names of one tensor: list one."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter]):
+        self.params = dict(params)
+        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in self.params.items()}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def add_square(param: torch.Tensor) -> None:
+            self.sums[name].add_(param.grad.to(torch.float32).square())
+            param.grad = None
+        return add_square
+
+    def __enter__(self) -> "SquaredGradients":
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in self.params.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        for t in self.sums.values():
+            t.zero_()
+
+
+@contextlib.contextmanager
+def gradients_for(model: nn.Module, params: Mapping[str, nn.Parameter], *, gradient_checkpointing: bool = False) -> Iterator[None]:
+    """Only `params` require gradients; the model is in eval mode (no dropout), or in train mode with
+    transformers' gradient checkpointing when asked (for long sequences). Restored on exit."""
+    wanted = {id(p) for p in params.values()}
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    training = model.training
+    checkpointing = gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        if checkpointing:
+            dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+            if dropouts or getattr(getattr(model, "config", None), "attention_dropout", 0.0):
+                log.warning("gradient checkpointing runs the model in train mode, and it has dropout: sensitivities are random")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+        else:
+            model.eval()
+        yield
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(training)
+        for p in model.parameters():
+            p.requires_grad_(before[id(p)])
+            p.grad = None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which samples each round and rank take: `count` samples in shards of `shard_size`."""
+
+    count: int
+    shard_size: int
+    world_size: int
+
+    @property
+    def shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def shard_of(self, sample: int) -> int:
+        return sample // self.shard_size
+
+    def rank_of_shard(self, shard: int) -> int:
+        return shard % self.world_size
+
+    def samples(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count))
+
+    def rounds(self, start_shard: int = 0) -> Iterator[range]:
+        """Shards by round, from `start_shard` (a multiple of nothing in particular: any finished prefix)."""
+        for first in range(start_shard, self.shards, self.world_size):
+            yield range(first, min(first + self.world_size, self.shards))
+
+
+def fisher_sums(
+    model: nn.Module,
+    samples: Iterable[tuple[int, object]],
+    loss_fn: LossFn,
+    params: Mapping[str, nn.Parameter],
+    plan: ShardPlan,
+    world: World,
+    *,
+    owners: Mapping[str, int],
+    totals: dict[str, torch.Tensor] | None = None,
+    start_shard: int = 0,
+    gradient_checkpointing: bool = False,
+    on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    on_sample: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The Fisher sums of `params` over samples 0..plan.count-1; returns the totals of the names this rank owns.
+
+    samples: (index, sample) in ascending index order, at least this rank's samples from shard
+        `start_shard` on (others are skipped); all ranks call this together.
+    owners: name -> rank that holds its total (`distributed.owners_by_size`).
+    totals: the owned totals of shards 0..start_shard-1 when resuming (zeros when None).
+    on_round(shards_done, totals): called after every round (checkpointing).
+    on_sample(index): called after each of this rank's samples (progress).
+    """
+    mine = {n for n, r in owners.items() if r == world.rank}
+    if totals is None:
+        totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items() if n in mine}
+    stream = iter(samples)
+    with gradients_for(model, params, gradient_checkpointing=gradient_checkpointing), SquaredGradients(params) as squares:
+        for shards in plan.rounds(start_shard):
+            my_shard = shards.start + world.rank
+            if my_shard in shards:
+                wanted = plan.samples(my_shard)
+                for index, sample in stream:
+                    if index < wanted.start:
+                        continue
+                    if index not in wanted:
+                        raise ValueError(f"shard {my_shard} expects samples {wanted.start}..{wanted[-1]}, got sample {index}")
+                    loss = loss_fn(model, sample)
+                    if loss.dim() != 0 or not loss.requires_grad:
+                        raise ValueError("loss_fn must return a scalar loss that depends on the weights; got "
+                                         f"shape {list(loss.shape)}, requires_grad={loss.requires_grad} for sample {index}")
+                    loss.backward()
+                    if on_sample is not None:
+                        on_sample(index)
+                    if index == wanted[-1]:
+                        break
+                else:
+                    raise ValueError(f"the calibration data ended before sample {wanted[-1]} (shard {my_shard})")
+            _fold(totals, squares.sums, owners, world, active=len(shards))
+            squares.reset()
+            if on_round is not None:
+                on_round(shards.stop, totals)
+    return totals
+
+
+def _fold(totals: dict[str, torch.Tensor], partial: dict[str, torch.Tensor], owners: Mapping[str, int], world: World, active: int) -> None:
+    """Add this round's shard sums into the owners' totals, one shard at a time in shard (= rank) order."""
+    for name, owner in owners.items():
+        parts = distributed.gather_to(partial[name], owner) if world.world_size > 1 else [partial[name]]
+        if parts is not None:
+            for part in parts[:active]:
+                totals[name].add_(part)
