@@ -3,7 +3,7 @@
 ```yaml
 model: default                  # or a hub id, a folder, a .gguf file
 tokenizer: null                 # optional: where the tokenizer is when the model has none
-data: {text: default, samples: 0, seq_len: 512}
+data: {text: default, seq_len: 512}  # the text stages calibrate on (never its held-out part)
 stages:
   - algorithm: kmeans
     config:                     # exactly Core ML Tools' PostTrainingPalettizerConfig dictionary
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,18 +26,32 @@ import yaml
 
 from llmpalette.config import OptimizationConfig
 from llmpalette.errors import ConfigError
-from llmpalette.palettization.post_training import PostTrainingPalettizerConfig
+from llmpalette.palettization.post_training import PostTrainingPalettizerConfig, palettize_weight
+from llmpalette.palettization.sensitive_k_means import SKMPalettizerConfig, skm_palettize_weight
+
 
 @dataclass(frozen=True)
 class Algorithm:
-    """What a stage's `algorithm:` name means: its config class, and whether it reads calibration text."""
+    """What a stage's `algorithm:` name means, all the runner needs to run it.
+
+    config_class: the Core ML Tools-shaped config its `config:` dictionary is read into.
+    compress_unit: `fn(weight, module_config, *, seed, **statistics) -> compressed weight`, pure.
+    statistic: what the stage computes from calibration text before its units (`"sensitivity"`: the
+        Fisher sums, passed to `compress_unit` as `sensitivity=`), or None for a data-free stage.
+    """
 
     config_class: type[OptimizationConfig]
-    needs_text: bool = False
+    compress_unit: Callable[..., Any]
+    statistic: str | None = None
+
+    @property
+    def needs_text(self) -> bool:
+        return self.statistic is not None
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "kmeans": Algorithm(PostTrainingPalettizerConfig),
+    "kmeans": Algorithm(PostTrainingPalettizerConfig, palettize_weight),
+    "skm": Algorithm(SKMPalettizerConfig, skm_palettize_weight, statistic="sensitivity"),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` -> load dtype
 
@@ -45,7 +59,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass(frozen=True)
 class DataSpec:
     text: str = "default"        # "default" (pydoc topics), a local file/folder, or a hub dataset name
-    samples: int = 0             # calibration windows (0 for data-free algorithms)
+    samples: int = 0             # must be 0: a stage's own calibration_nsamples says how many samples it reads
     seq_len: int = 512
 
 
@@ -190,8 +204,9 @@ def _parse(raw: Any, source: str | None) -> Recipe:
         raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     seed = _scalar(raw, "seed", int, 0)
     data = _section(raw, "data", DataSpec)
-    if data.samples < 0:
-        raise ConfigError("data.samples", f"must be >= 0, got {data.samples}")
+    if data.samples != 0:
+        raise ConfigError("data.samples", "the number of calibration samples is each stage's `calibration_nsamples` "
+                          f"(Core ML Tools' field); remove data.samples (got {data.samples})")
     if data.seq_len < 2:
         raise ConfigError("data.seq_len", f"must be >= 2, got {data.seq_len}")
     evaluate = _section(raw, "evaluate", EvaluateSpec)
@@ -251,5 +266,5 @@ def _stages(raw: Any) -> tuple[Stage, ...]:
             raise ConfigError(f"{where}.config.{e.field}" if e.field else f"{where}.config", e.message) from None
         stages.append(Stage(algorithm=algorithm, config=config, raw_config=_plain(raw_config)))
     if len(stages) > 1:
-        raise ConfigError("stages", "one stage per recipe for now (kmeans); chaining stages comes with the calibration algorithms")
+        raise ConfigError("stages", "one stage per recipe for now; chaining stages (e.g. GPTQ after SKM) is not supported yet")
     return tuple(stages)

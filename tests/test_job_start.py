@@ -12,7 +12,7 @@ import llmpalette
 from llmpalette.errors import ConfigError, JobError, SourceError
 from llmpalette.jobs import Manifest, run_job
 from llmpalette.layout import PalettizedWeight, read_layer_file
-from llmpalette.recipe import ALGORITHMS, Algorithm, Recipe
+from llmpalette.recipe import Recipe
 from tests.conftest import TINY_RECIPE, tiny_llama
 
 
@@ -89,10 +89,12 @@ def test_the_tokenizer_is_kept_in_the_job(tmp_path, weights_only_dir, tiny_llama
     assert tokenizer is not None and tokenizer.eos_token == "<eos>"
 
 
-def test_a_stage_that_reads_text_refuses_without_a_tokenizer(tmp_path, weights_only_dir, monkeypatch):
-    monkeypatch.setitem(ALGORITHMS, "kmeans", Algorithm(ALGORITHMS["kmeans"].config_class, needs_text=True))
+def test_a_stage_that_reads_text_refuses_without_a_tokenizer(tmp_path, weights_only_dir):
+    recipe = recipe_for(weights_only_dir)
+    raw = recipe.as_dict()
+    raw["stages"][0]["algorithm"] = "skm"
     with pytest.raises(JobError, match="has no tokenizer; pass --tokenizer"):
-        run_job(recipe_for(weights_only_dir), tmp_path / "job", progress=False)
+        run_job(Recipe.from_dict(raw), tmp_path / "job", progress=False)
     assert not (tmp_path / "job").exists()
 
 

@@ -89,7 +89,19 @@ class Manifest:
         record = self.units(index).get(name)
         if record is None or record.get("status") != "done":
             return "not done"
-        for rel, meta in record.get("files", {}).items():
+        return self.files_problem(record.get("files", {}))
+
+    def stats(self, index: int) -> dict | None:
+        """The stage's statistics checkpoint (sensitivities, Hessians): what is done and its files."""
+        stages = self.data["stages"]
+        return stages[index].get("stats") if index < len(stages) else None
+
+    def record_stats(self, index: int, record: dict) -> None:
+        self.data["stages"][index]["stats"] = record
+
+    def files_problem(self, files: dict[str, dict]) -> str | None:
+        """None if every file exists with its recorded size and sha256; else what is wrong with the first bad one."""
+        for rel, meta in files.items():
             path = self.job_dir / rel
             if not path.exists():
                 return f"{rel} is missing"

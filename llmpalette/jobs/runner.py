@@ -27,10 +27,11 @@ from llmpalette.jobs.manifest import Manifest
 from llmpalette.layout.layer_file import LayerFile, layer_file_bytes, read_layer_file
 from llmpalette.layout.palettized import PalettizedWeight
 from llmpalette.modules import get_weight
-from llmpalette.palettization.post_training import Plan, PlannedUnit, palettize_weight, plan_units, relative_error
-from llmpalette.recipe import DTYPES, Recipe
+from llmpalette.jobs.statistics import FisherStats, fisher_stage
+from llmpalette.palettization.post_training import Plan, PlannedUnit, plan_units, relative_error
+from llmpalette.recipe import ALGORITHMS, DTYPES, Recipe
 from llmpalette.sources.models import load_model, resolve_model
-from llmpalette.sources.text import check_text_source
+from llmpalette.sources.text import build_windows, check_calibration_text, check_text_source
 
 log = logging.getLogger("llmpalette")
 
@@ -93,6 +94,7 @@ def run_job(
     if recipe.needs_text and tokenizer is None:
         raise JobError(f"{recipe.source or 'the recipe'}: its stages read calibration text, but model '{recipe.model}' "
                        "has no tokenizer; pass --tokenizer (or `tokenizer:` in the recipe)")
+    _agreed(world, lambda: _check_text_length(recipe, tokenizer, evaluate))
     plans = [_plan(model, stage.config, index, recipe) for index, stage in enumerate(recipe.stages)]
     if world.is_main:
         for plan in plans:
@@ -105,7 +107,10 @@ def run_job(
             manifest.stage(index, name=f"{index}-{stage.algorithm}", algorithm=stage.algorithm)
             manifest.set_stage_status(index, "running")
             manifest.save()
-        c, k, r = _run_stage(model, plan, index, recipe, manifest, world, progress)
+        stats = None
+        if ALGORITHMS[stage.algorithm].statistic == "sensitivity":
+            stats = fisher_stage(model, plan, index, stage, recipe.data, tokenizer, manifest, world, progress)
+        c, k, r = _run_stage(model, plan, index, recipe, manifest, world, progress, stats)
         computed, kept, redone = computed + c, kept + k, redone + r
         if world.is_main:
             manifest.set_stage_status(index, "done")
@@ -164,6 +169,18 @@ def _check_text(recipe: Recipe, evaluate: bool) -> None:
         check_text_source(recipe.data.text)
 
 
+def _check_text_length(recipe: Recipe, tokenizer, evaluate: bool) -> None:
+    """Enough text for every stage's calibration samples and for the evaluation windows, before any work."""
+    if tokenizer is None:
+        return
+    for stage in recipe.stages:
+        if stage.needs_text:
+            check_calibration_text(tokenizer, recipe.data.text, seq_len=recipe.data.seq_len, count=stage.config.calibration_nsamples)
+    if evaluate and recipe.evaluate.windows > 0:
+        build_windows(tokenizer, recipe.data.text, seq_len=recipe.evaluate.seq_len, calibration_samples=0,
+                      evaluation_windows=recipe.evaluate.windows)
+
+
 def _plan(model, config, index: int, recipe: Recipe) -> Plan:
     try:
         return plan_units(model, config)
@@ -201,7 +218,7 @@ def _describe(identity: dict) -> str:
 
 
 def _run_stage(model, plan: list[PlannedUnit], index: int, recipe: Recipe, manifest: Manifest, world: World,
-               progress: bool) -> tuple[int, int, list[tuple[str, str]]]:
+               progress: bool, stats: FisherStats | None) -> tuple[int, int, list[tuple[str, str]]]:
     bar = tqdm(total=len(plan), desc=f"stage {index} {recipe.stages[index].algorithm}", unit="layer",
                disable=not (progress and world.is_main))
     computed = kept = 0
@@ -209,7 +226,7 @@ def _run_stage(model, plan: list[PlannedUnit], index: int, recipe: Recipe, manif
     last_save = time.monotonic()
     for first in range(0, len(plan), world.world_size):
         mine = first + world.rank
-        result = _do_unit(model, plan[mine], index, recipe, manifest) if mine < len(plan) else None
+        result = _do_unit(model, plan[mine], index, recipe, manifest, stats) if mine < len(plan) else None
         results = distributed.all_gather(result)
         for r in results:
             if r is None:
@@ -233,7 +250,8 @@ def _run_stage(model, plan: list[PlannedUnit], index: int, recipe: Recipe, manif
     return computed, kept, redone
 
 
-def _do_unit(model, planned: PlannedUnit, index: int, recipe: Recipe, manifest: Manifest) -> tuple[str, dict | None, str | None]:
+def _do_unit(model, planned: PlannedUnit, index: int, recipe: Recipe, manifest: Manifest,
+             stats: FisherStats | None) -> tuple[str, dict | None, str | None]:
     """Compress one unit unless it is intact on disk.
 
     Returns (name, new manifest record or None if kept, why an earlier record was not used or None).
@@ -245,8 +263,15 @@ def _do_unit(model, planned: PlannedUnit, index: int, recipe: Recipe, manifest: 
     why = None if problem == "not done" else problem
     started = time.perf_counter()
     weight = get_weight(model, unit)
-    palettized = palettize_weight(weight, planned.config, seed=recipe.seed)
+    algorithm = ALGORITHMS[recipe.stages[index].algorithm]
+    statistics = {} if stats is None else {"sensitivity": stats.sensitivity(unit.name)}
+    palettized = algorithm.compress_unit(weight, planned.config, seed=recipe.seed, **statistics)
     decoded = palettized.decode()
+    metrics = {"rel_sq_error": relative_error(weight, decoded)}
+    if stats is not None:
+        metrics["fisher_rel_sq_error"] = relative_error(weight, decoded, statistics["sensitivity"])
+    if palettized.n_outliers:
+        metrics["outliers"] = palettized.n_outliers
     rel = layer_path(unit.name)
     layer = LayerFile(module=unit.name, param=unit.param, aliases=unit.aliases, weight=palettized)
     file_record = atomic_write_file(manifest.job_dir / rel, layer_file_bytes(layer))
@@ -259,7 +284,7 @@ def _do_unit(model, planned: PlannedUnit, index: int, recipe: Recipe, manifest: 
         "config": planned.config.as_dict(),
         "files": {rel: file_record},
         "metrics": {
-            "rel_sq_error": relative_error(weight, decoded),
+            **metrics,
             "nbytes": palettized.nbytes,
             "fp16_bytes": weight.numel() * 2,
             "seconds": round(time.perf_counter() - started, 4),
