@@ -103,8 +103,8 @@ def run_job(
     computed = kept = 0
     redone: list[tuple[str, str]] = []
     for index, (stage, plan) in enumerate(zip(recipe.stages, plans)):
+        manifest.stage(index, name=f"{index}-{stage.algorithm}", algorithm=stage.algorithm)  # every rank's copy knows it
         if world.is_main:
-            manifest.stage(index, name=f"{index}-{stage.algorithm}", algorithm=stage.algorithm)
             manifest.set_stage_status(index, "running")
             manifest.save()
         stats = None

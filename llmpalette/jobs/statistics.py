@@ -76,7 +76,7 @@ def fisher_stage(model, plan, index: int, stage, data, tokenizer, manifest: Mani
     owners = distributed.owners_by_size({name: p.numel() for name, p in params.items()}, world.world_size)
     start, seconds = distributed.broadcast(_resume_point(manifest, index, folder, shards) if world.is_main else None)
     if start == shards.shards:
-        return FisherStats(manifest, index)
+        return _finished(manifest, index, world)
     totals = None
     if start:
         totals = {name: load_file(str(manifest.job_dir / _file(folder, start, name)))[TENSOR]
@@ -106,6 +106,14 @@ def fisher_stage(model, plan, index: int, stage, data, tokenizer, manifest: Mani
     if world.is_main:
         record = manifest.stats(index)
         log.info("sensitivities: %d samples of %d tokens, %.1f s", shards.count, data.seq_len, record["seconds"])
+    return _finished(manifest, index, world)
+
+
+def _finished(manifest: Manifest, index: int, world: World) -> FisherStats:
+    """The reader of the finished sums; every rank's manifest learns rank 0's record of them."""
+    record = distributed.broadcast(manifest.stats(index) if world.is_main else None)
+    if not world.is_main:
+        manifest.record_stats(index, record)
     return FisherStats(manifest, index)
 
 
