@@ -58,6 +58,8 @@ def split_batch(batch: object) -> list[object]:
         return list(batch.split(1))
     if isinstance(batch, Mapping):
         return [{k: take(v, i) for k, v in batch.items()} for i in range(n)]
+    if hasattr(batch, "_fields"):  # a namedtuple
+        return [type(batch)(*(take(v, i) for v in batch)) for i in range(n)]
     return [type(batch)(take(v, i) for v in batch) for i in range(n)]
 
 
@@ -96,11 +98,16 @@ def gradients_for(model: nn.Module, params: Mapping[str, nn.Parameter], *, gradi
     transformers' gradient checkpointing when asked (for long sequences). Restored on exit."""
     wanted = {id(p) for p in params.values()}
     before = {id(p): p.requires_grad for p in model.parameters()}
+    grads = {id(p): p.grad for p in params.values()}  # a caller's gradients are kept aside, not summed in
     training = model.training
     checkpointing = gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    was_checkpointing = bool(getattr(model, "is_activation_checkpointing", False)) if hasattr(type(model), "is_activation_checkpointing") \
+        else bool(getattr(model, "is_gradient_checkpointing", False))
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
+        for p in params.values():
+            p.grad = None
         if checkpointing:
             dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
             if dropouts or getattr(getattr(model, "config", None), "attention_dropout", 0.0):
@@ -111,12 +118,13 @@ def gradients_for(model: nn.Module, params: Mapping[str, nn.Parameter], *, gradi
             model.eval()
         yield
     finally:
-        if checkpointing:
+        if checkpointing and not was_checkpointing:
             model.gradient_checkpointing_disable()
         model.train(training)
         for p in model.parameters():
             p.requires_grad_(before[id(p)])
-            p.grad = None
+        for p in params.values():
+            p.grad = grads[id(p)]
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | 
         "architecture": _architecture(model),
         "parameters": parameters,
         "recipe_sha256": manifest.data["recipe_sha256"],
-        "stages": [{"name": s["name"], "algorithm": s["algorithm"], "config": r["config"]} for s, r in zip(manifest.data["stages"], recipe["stages"])],
+        "stages": [_stage(s, r) for s, r in zip(manifest.data["stages"], recipe["stages"])],
         "world_size": manifest.data["world_size"],
         "evaluation": evaluation,
         "size": _sizes(baseline_bytes, layers),
@@ -81,6 +81,16 @@ def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | 
     atomic_write_text(job_dir / REPORT_MD, format_report(report))
     atomic_write_bytes(job_dir / REPORT_PNG, plot_layer_errors(layers, title=f"{job_dir.name}: relative squared error per layer, by decoder block"))
     return report
+
+
+def _stage(stage: dict[str, Any], recipe_stage: dict[str, Any]) -> dict[str, Any]:
+    """A stage as the report shows it: name, algorithm, config and, for a calibrated stage, what it read."""
+    out = {"name": stage["name"], "algorithm": stage["algorithm"], "config": recipe_stage["config"]}
+    stats = stage.get("stats")
+    if stats:
+        out["calibration"] = {"statistic": stats["kind"], "samples": stats["samples"], "shard_size": stats["shard_size"],
+                              "seconds": stats["seconds"]}
+    return out
 
 
 def _evaluate(model: nn.Module, tokenizer, weights: Weights, manifest: Manifest, progress: bool) -> dict[str, Any]:
@@ -227,7 +237,7 @@ def _sizes(baseline_bytes: int, layers: list[dict[str, Any]]) -> dict[str, Any]:
         "compressed_layers_float16_bytes": layers_fp16,
         "compressed_layers_bytes": layers_bytes,
         "compressed_layers_ratio": layers_fp16 / layers_bytes if layers_bytes else None,
-        "note": "float16 baseline counts every distinct parameter at 2 bytes; compressed = LUTs + packed indices + scales of the compressed layers, other parameters at 2 bytes",
+        "note": "float16 baseline counts every distinct parameter at 2 bytes; compressed = LUTs + packed indices + scales + outliers (int32 position + float16 value each) of the compressed layers, other parameters at 2 bytes",
     }
 
 
@@ -256,6 +266,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"- model: {_model_line(report)}")
     for stage in report["stages"]:
         lines.append(f"- stage `{stage['name']}`: `{json.dumps(stage['config'])}`")
+        if "calibration" in stage:
+            c = stage["calibration"]
+            lines.append(f"  - {c['statistic']} sensitivities from {c['samples']} calibration samples "
+                         f"(shards of {c['shard_size']}) in {c['seconds']} s")
     lines.append(f"- ranks: {report['world_size']}; compression time (sum over layers): {report['compression_seconds']} s")
     lines += ["", "## Quality", ""]
     if "perplexity_after" in ev:
@@ -294,17 +308,25 @@ def format_report(report: dict[str, Any]) -> str:
             "outweigh the indices they save. Use larger groups, fewer bits, or lut_dtype float16 / int8.",
             "",
         ]
+    fisher = any("fisher_rel_sq_error" in layer for layer in report["layers"])
+    outliers = any(layer.get("outliers") for layer in report["layers"])
+    extra = (" Fisher-weighted rel. sq. error |" if fisher else "") + (" outliers |" if outliers else "")
     lines += [
         "## Layers",
         "",
-        "| layer | shape | bits | granularity | group | rel. sq. error | bytes | float16 bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "Relative squared error: sum (W - W_hat)^2 / sum W^2; Fisher-weighted: each term weighted by the weight's "
+        "sensitivity, the error the loss sees." if fisher else "Relative squared error: sum (W - W_hat)^2 / sum W^2.",
+        "",
+        f"| layer | shape | bits | granularity | group | rel. sq. error |{extra} bytes | float16 bytes |",
+        "|---|---|---|---|---|---|" + "---|" * (fisher + outliers) + "---|---|",
     ]
     for layer in report["layers"]:
         name = layer["name"] + (f" (= {', '.join(layer['tied_names'])})" if layer["tied_names"] else "")
+        cells = (f" {layer.get('fisher_rel_sq_error', float('nan')):.3e} |" if fisher else "") + (
+            f" {layer.get('outliers', 0):,} |" if outliers else "")
         lines.append(
             f"| {name} | {'x'.join(map(str, layer['shape']))} | {layer['n_bits']} | {layer['granularity']} | "
-            f"{layer['group_size'] or ''} | {layer['rel_sq_error']:.3e} | {layer['nbytes']:,} | {layer['fp16_bytes']:,} |"
+            f"{layer['group_size'] or ''} | {layer['rel_sq_error']:.3e} |{cells} {layer['nbytes']:,} | {layer['fp16_bytes']:,} |"
         )
     lines.append("")
     lines.append(f"![per-layer error by block]({REPORT_PNG})")

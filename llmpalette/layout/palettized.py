@@ -20,7 +20,8 @@ one group (so `cluster_dim` must divide `group_size`), and a group reads as
 Dense-and-sparse (SqueezeLLM): optional outliers are weights kept exactly, as a sparse part beside
 the LUT: `outlier_positions` (int32, ascending flat row-major positions in `shape`) and
 `outlier_values` (float16, the weights' values at the precision of the float16 model). Decoding
-writes them over the LUT values; every element still has an index (the one the LUT gave it).
+writes them over the LUT values. Every element still has an index: 0 under a scalar outlier; a
+vector holding an outlier keeps the entry nearest to its other elements.
 """
 
 import json

@@ -171,11 +171,15 @@ def palettize_weight(
     """
     w = weight.detach().to(torch.float32)
     imp = None if importance is None else importance.detach().to(device=w.device, dtype=torch.float32)
-    if outliers is not None and bool(outliers.any()):
-        imp = (torch.ones_like(w) if imp is None else imp).masked_fill(outliers.to(w.device), 0.0)
+    if outliers is not None and not bool(outliers.any()):
+        outliers = None
+    if outliers is not None:
+        outliers = outliers.to(w.device)
+        imp = (torch.ones_like(w) if imp is None else imp).masked_fill(outliers, 0.0)
     channel_scale = None
     if config.enable_per_channel_scale:
-        channel_scale = w.abs().amax(dim=tuple(range(1, w.dim())))  # [out]
+        kept = w.abs() if outliers is None else w.abs().masked_fill(outliers, 0.0)  # outliers do not set the scale
+        channel_scale = kept.amax(dim=tuple(range(1, w.dim())))  # [out]
         channel_scale = torch.where(channel_scale > 0, channel_scale, torch.ones_like(channel_scale))
         view = channel_scale.view(-1, *([1] * (w.dim() - 1)))
         w = w / view
@@ -186,6 +190,11 @@ def palettize_weight(
     group_size = config.channels_per_lut(tuple(w.shape))
     groups = group_view(w, config.channel_axis, group_size, d, axis_v)  # [G, n, d]
     group_weights = None if imp is None else group_view(imp, config.channel_axis, group_size, d, axis_v).sum(dim=-1)
+    group_outliers = None
+    if outliers is not None and d > 1:
+        # A vector holding an outlier takes no part in the LUT; it is assigned by its other elements alone.
+        group_outliers = group_view(outliers, config.channel_axis, group_size, d, axis_v)  # [G, n, d]
+        group_weights = group_weights.masked_fill(group_outliers.any(dim=-1), 0.0)
     k = 2**config.n_bits
     if d == 1:
         centroids, _ = kmeans_1d(groups[..., 0], k, group_weights)
@@ -197,6 +206,10 @@ def palettize_weight(
     lut_q, lut_scale, lut_zero_point = _store_lut(lut, config.lut_dtype)
     decoded = lut_q.to(torch.float32) if lut_scale is None else dequantize_lut(lut_q, lut_scale, lut_zero_point)
     labels = nearest(groups, decoded)
+    if group_outliers is not None:
+        _assign_around_outliers(labels, groups, decoded, group_outliers)
+    elif outliers is not None:  # the index under a scalar outlier is never read: 0, whatever the outlier's value
+        labels.masked_fill_(group_view(outliers, config.channel_axis, group_size, 1, None)[..., 0], 0)
     positions = values = None
     if outliers is not None:
         positions = outliers.detach().flatten().nonzero().flatten()
@@ -217,6 +230,15 @@ def palettize_weight(
         outlier_positions=positions,
         outlier_values=values,
     )
+
+
+def _assign_around_outliers(labels: torch.Tensor, groups: torch.Tensor, lut: torch.Tensor, mask: torch.Tensor) -> None:
+    """Relabel, in place, each vector holding an outlier by the distance over its other elements only."""
+    g, i = mask.any(dim=-1).nonzero(as_tuple=True)
+    if g.numel():
+        keep = (~mask[g, i]).unsqueeze(1)  # [m, 1, d]
+        diff = (groups[g, i].unsqueeze(1) - lut[g]) * keep  # [m, K, d]
+        labels[g, i] = diff.to(torch.float64).square().sum(dim=-1).argmin(dim=-1)
 
 
 def _pin_zero(lut: torch.Tensor) -> torch.Tensor:
@@ -241,7 +263,7 @@ def relative_error(weight: torch.Tensor, decoded: torch.Tensor, importance: torc
     w = weight.detach().to(torch.float64)
     f = torch.ones_like(w) if importance is None else importance.detach().to(torch.float64)
     denom = float((f * w.square()).sum())
-    return float((f * (w - decoded.to(torch.float64)).square()).sum()) / denom if denom > 0 else 0.0
+    return float((f * (w - decoded.detach().to(torch.float64)).square()).sum()) / denom if denom > 0 else 0.0
 
 
 @dataclass(frozen=True)
