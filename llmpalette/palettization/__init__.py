@@ -5,10 +5,22 @@ from llmpalette.palettization.post_training import (
     PostTrainingPalettizerConfig,
     palettize_weight,
 )
+from llmpalette.palettization.sensitive_k_means import (
+    ModuleSKMPalettizerConfig,
+    SKMPalettizer,
+    SKMPalettizerConfig,
+    load_sensitivities,
+    skm_palettize_weight,
+)
 
 __all__ = [
     "ModulePostTrainingPalettizerConfig",
+    "ModuleSKMPalettizerConfig",
     "PostTrainingPalettizer",
     "PostTrainingPalettizerConfig",
+    "SKMPalettizer",
+    "SKMPalettizerConfig",
+    "load_sensitivities",
     "palettize_weight",
+    "skm_palettize_weight",
 ]
