@@ -112,7 +112,11 @@ def outlier_mask(
 
 
 def _top(score: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.argsort(score, descending=True, stable=True)[:count]
+    """Positions of the `count` largest scores; among equal scores the first positions win (no full sort)."""
+    threshold = torch.topk(score, count, sorted=False).values.min()
+    above = (score > threshold).nonzero().flatten()
+    equal = (score == threshold).nonzero().flatten()[: count - above.numel()]
+    return torch.cat([above, equal])
 
 
 def skm_palettize_weight(
