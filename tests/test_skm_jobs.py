@@ -166,3 +166,26 @@ def test_recipe_fields_for_calibration(tmp_path, tiny_llama_dir):
     changed = json.loads(json.dumps(raw))
     changed["stages"][0]["config"]["calibration_shard_size"] = 4
     assert Recipe.from_dict(changed).sha256 != Recipe.from_dict(raw).sha256
+
+
+def test_the_report_shows_calibration_fisher_errors_and_outliers(tmp_path, tiny_llama_dir):
+    from llmpalette.evaluate.report import build_report
+
+    recipe = Recipe.from_yaml(str(write_recipe(tmp_path, tiny_llama_dir, samples=3, shard=2, outliers=0.02)))
+    run_job(recipe, tmp_path / "job", progress=False, evaluate=False)
+    report = build_report(tmp_path / "job", progress=False)
+    calibration = report["stages"][0]["calibration"]
+    assert calibration["samples"] == 3 and calibration["shard_size"] == 2 and calibration["seconds"] > 0
+    layer = report["layers"][0]
+    shape = layer["shape"]
+    assert layer["outliers"] == int(0.02 * shape[0] * shape[1])
+    assert 0 < layer["fisher_rel_sq_error"] and 0 < layer["rel_sq_error"]
+    markdown = (tmp_path / "job" / "report.md").read_text()
+    assert "sensitivities from 3 calibration samples" in markdown
+    assert "Fisher-weighted rel. sq. error | outliers |" in markdown
+    # outliers are in the size: int32 position + float16 value each, beyond LUT and indices
+    record = Manifest.load(tmp_path / "job").units(0)[layer["name"]]
+    from llmpalette.jobs.runner import read_unit
+    weight = read_unit(Manifest.load(tmp_path / "job"), 0, layer["name"])
+    assert weight.n_outliers == layer["outliers"] and record["metrics"]["nbytes"] == weight.nbytes
+    assert weight.nbytes == weight.lut.numel() * 4 + weight.indices.numel() + 6 * weight.n_outliers
