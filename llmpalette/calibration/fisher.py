@@ -12,7 +12,8 @@ i // shard_size; shards are dealt to ranks in rounds (shard s is computed by ran
 Each shard's sum starts from zero and adds its samples in order. After each round, every layer's
 shard sums travel to the rank that owns the layer (owners balanced by size) and are added to its
 total one shard at a time, in shard order. One process does exactly the same additions in the same
-order, so 1 and N ranks give the same bits. This module knows no algorithm and writes no file: the
+order, so 1 and N ranks give the same bits. With one sample per shard (the default) a single process
+adds each square straight into the totals: the same arithmetic, and no second full-size buffer. This module knows no algorithm and writes no file: the
 caller checkpoints through `on_round`.
 """
 from __future__ import annotations
@@ -67,9 +68,10 @@ class SquaredGradients:
     """`with SquaredGradients(params) as sq:` every backward pass adds grad ** 2 (float32) of each named
     parameter into `sq.sums[name]` and frees the gradient at once. Tied names of one tensor: list one."""
 
-    def __init__(self, params: Mapping[str, nn.Parameter]):
+    def __init__(self, params: Mapping[str, nn.Parameter], sums: dict[str, torch.Tensor] | None = None):
         self.params = dict(params)
-        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in self.params.items()}
+        self.sums = sums if sums is not None else {
+            name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in self.params.items()}
         self._handles: list = []
 
     def _hook(self, name: str):
@@ -182,7 +184,11 @@ def fisher_sums(
     if totals is None:
         totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items() if n in mine}
     stream = iter(samples)
-    with gradients_for(model, params, gradient_checkpointing=gradient_checkpointing), SquaredGradients(params) as squares:
+    # One rank, one sample per shard: a shard's sum is its one square (0 + x = x exactly), so adding the
+    # squares straight into the totals is the same arithmetic without a second full-size buffer.
+    direct = world.world_size == 1 and plan.shard_size == 1
+    squares = SquaredGradients(params, sums=totals if direct else None)
+    with gradients_for(model, params, gradient_checkpointing=gradient_checkpointing), squares:
         for shards in plan.rounds(start_shard):
             my_shard = shards.start + world.rank
             if my_shard in shards:
@@ -203,8 +209,9 @@ def fisher_sums(
                         break
                 else:
                     raise ValueError(f"the calibration data ended before sample {wanted[-1]} (shard {my_shard})")
-            _fold(totals, squares.sums, owners, world, active=len(shards))
-            squares.reset()
+            if not direct:
+                _fold(totals, squares.sums, owners, world, active=len(shards))
+                squares.reset()
             if on_round is not None:
                 on_round(shards.stop, totals)
     return totals

@@ -70,16 +70,17 @@ class SKMPalettizerConfig(OptimizationConfig):
     """Which modules Sensitive K-Means palettizes how, and its calibration settings.
 
     calibration_nsamples: calibration samples for the sensitivities (Core ML Tools' field, default 128).
-    calibration_shard_size: samples per shard: shards are the units that ranks share and that a job
-        checkpoints, and their sums are added in shard order (so the result depends on this value, and
-        not on the number of ranks).
+    calibration_shard_size: samples per shard (default 1): shards are the units that ranks share and
+        that a job checkpoints, and their sums are added in shard order (so the result depends on this
+        value, and not on the number of ranks). Larger shards mean fewer exchanges between ranks; with 1,
+        a single process needs no buffer beside the sums.
     gradient_checkpointing: recompute activations in the backward pass (for long sequences); the
         sensitivities do not change.
     """
 
     module_config_class: ClassVar[type] = ModuleSKMPalettizerConfig
     calibration_nsamples: int = 128
-    calibration_shard_size: int = 4
+    calibration_shard_size: int = 1
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
@@ -200,7 +201,7 @@ class SKMPalettizer:
         dataloader: Iterable | None = None,
         loss_fn: LossFn | None = None,
         sensitivity_path: str | None = None,
-        num_kmeans_workers: int | None = 1,
+        num_kmeans_workers: int | None = None,
         num_sensitivity_workers: int = 1,
         inplace: bool = False,
         fsdp_auto_wrap_policy=None,
