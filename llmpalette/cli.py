@@ -62,7 +62,7 @@ def _compress(args) -> int:
                           evaluate=not args.no_eval)
         if world.is_main:
             print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run"
-                  f"{f', {len(summary.redone)} redone' if summary.redone else ''}) "
+                  f"{f'; {len(summary.redone)} of the computed were redone (missing or corrupt)' if summary.redone else ''}) "
                   f"on {world.world_size} rank(s) in {summary.seconds:.1f} s -> {summary.job_dir}")
             if not args.no_eval:
                 report = build_report(args.job_dir, progress=not args.quiet, loaded=summary.loaded)

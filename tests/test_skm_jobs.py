@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmpalette.errors import ConfigError, SourceError
+from llmpalette.errors import ConfigError
 from llmpalette.jobs import Manifest, run_job
 from llmpalette.recipe import Recipe
 from tests.conftest import REPO, byte_tokenizer, tiny_llama
@@ -143,11 +143,25 @@ def test_a_damaged_sensitivity_checkpoint_is_redone_from_the_start(tmp_path, tin
     assert layer_bytes(job) == layer_bytes(reference)
 
 
+def test_a_finished_job_does_not_redo_its_sensitivities(tmp_path, tiny_llama_dir, caplog):
+    recipe = Recipe.from_yaml(str(write_recipe(tmp_path, tiny_llama_dir, samples=4, shard=2)))
+    job = tmp_path / "job"
+    run_job(recipe, job, progress=False, evaluate=False)
+    before = layer_bytes(job)
+    shutil.rmtree(job / "stats")
+    with caplog.at_level("INFO", logger="llmpalette"):
+        summary = run_job(recipe, job, resume=True, progress=False, evaluate=False)
+    assert summary.computed == 0 and summary.kept == 14
+    assert "every layer is done; its statistics are not needed" in caplog.text
+    assert not (job / "stats").exists() and layer_bytes(job) == before
+
+
 def test_too_little_calibration_text_is_refused_before_the_job_starts(tmp_path, tiny_llama_dir):
     text = tmp_path / "short.txt"
     text.write_text("A short text.\n\nIt has two paragraphs.\n")
     recipe = Recipe.from_yaml(str(write_recipe(tmp_path, tiny_llama_dir, samples=4))).with_overrides(text=str(text))
-    with pytest.raises(SourceError, match="too short for 4 calibration windows of 64 tokens"):
+    with pytest.raises(ConfigError, match=r"skm.yaml: stages\[0\].config.calibration_nsamples: text .* is too short "
+                                          "for 4 calibration windows of 64 tokens"):
         run_job(recipe, tmp_path / "job", progress=False, evaluate=False)
     assert not (tmp_path / "job").exists()
 

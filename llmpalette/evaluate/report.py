@@ -269,7 +269,7 @@ def format_report(report: dict[str, Any]) -> str:
         if "calibration" in stage:
             c = stage["calibration"]
             lines.append(f"  - {c['statistic']} sensitivities from {c['samples']} calibration samples "
-                         f"(shards of {c['shard_size']}) in {c['seconds']} s")
+                         f"(shards of {c['shard_size']}) in {c['seconds']} s (across runs, if the job was resumed)")
     lines.append(f"- ranks: {report['world_size']}; compression time (sum over layers): {report['compression_seconds']} s")
     lines += ["", "## Quality", ""]
     if "perplexity_after" in ev:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from llmpalette import distributed
 from llmpalette.distributed import World
-from llmpalette.errors import ConfigError, JobError, LlmpaletteError
+from llmpalette.errors import ConfigError, JobError, LlmpaletteError, SourceError
 from llmpalette.jobs.files import atomic_replace_dir, atomic_write_file, atomic_write_text, remove_temporaries
 from llmpalette.jobs.manifest import Manifest
 from llmpalette.layout.layer_file import LayerFile, layer_file_bytes, read_layer_file
@@ -108,7 +108,7 @@ def run_job(
             manifest.set_stage_status(index, "running")
             manifest.save()
         stats = None
-        if ALGORITHMS[stage.algorithm].statistic == "sensitivity":
+        if ALGORITHMS[stage.algorithm].statistic == "sensitivity" and _agreed(world, lambda: _units_to_do(manifest, index, plan)):
             stats = fisher_stage(model, plan, index, stage, recipe.data, tokenizer, manifest, world, progress)
         c, k, r = _run_stage(model, plan, index, recipe, manifest, world, progress, stats)
         computed, kept, redone = computed + c, kept + k, redone + r
@@ -169,16 +169,31 @@ def _check_text(recipe: Recipe, evaluate: bool) -> None:
         check_text_source(recipe.data.text)
 
 
+def _units_to_do(manifest: Manifest, index: int, plan: Plan) -> bool:
+    """Whether any unit of the stage still needs computing (a finished stage needs no statistics)."""
+    todo = any(manifest.unit_problem(index, p.unit.name) for p in plan)
+    if not todo:
+        log.info("stage %d: every layer is done; its statistics are not needed", index)
+    return todo
+
+
 def _check_text_length(recipe: Recipe, tokenizer, evaluate: bool) -> None:
     """Enough text for every stage's calibration samples and for the evaluation windows, before any work."""
     if tokenizer is None:
         return
-    for stage in recipe.stages:
+    for index, stage in enumerate(recipe.stages):
         if stage.needs_text:
-            check_calibration_text(tokenizer, recipe.data.text, seq_len=recipe.data.seq_len, count=stage.config.calibration_nsamples)
+            try:
+                check_calibration_text(tokenizer, recipe.data.text, seq_len=recipe.data.seq_len,
+                                       count=stage.config.calibration_nsamples)
+            except SourceError as e:
+                raise ConfigError(f"stages[{index}].config.calibration_nsamples", str(e), recipe.source) from None
     if evaluate and recipe.evaluate.windows > 0:
-        build_windows(tokenizer, recipe.data.text, seq_len=recipe.evaluate.seq_len, calibration_samples=0,
-                      evaluation_windows=recipe.evaluate.windows)
+        try:
+            build_windows(tokenizer, recipe.data.text, seq_len=recipe.evaluate.seq_len, calibration_samples=0,
+                          evaluation_windows=recipe.evaluate.windows)
+        except SourceError as e:
+            raise ConfigError("evaluate.windows", str(e), recipe.source) from None
 
 
 def _plan(model, config, index: int, recipe: Recipe) -> Plan:

@@ -104,8 +104,9 @@ def fisher_stage(model, plan, index: int, stage, data, tokenizer, manifest: Mani
                 on_sample=lambda i: bar.update(1))
     bar.close()
     if world.is_main:
-        record = manifest.stats(index)
-        log.info("sensitivities: %d samples of %d tokens, %.1f s", shards.count, data.seq_len, record["seconds"])
+        total = manifest.stats(index)["seconds"]
+        earlier = f" ({seconds:.1f} s of it in earlier runs)" if start else ""
+        log.info("sensitivities: %d samples of %d tokens in %.1f s%s", shards.count, data.seq_len, total, earlier)
     return _finished(manifest, index, world)
 
 
@@ -132,6 +133,8 @@ def _resume_point(manifest: Manifest, index: int, folder: str, shards: ShardPlan
         manifest.save()
         return 0, 0.0
     _remove_other_checkpoints(manifest.job_dir / folder, record["shards_done"])
+    if record["shards_done"] == shards.shards:
+        log.info("sensitivities: all %d samples were summed in an earlier run; using them", shards.count)
     return record["shards_done"], float(record.get("seconds", 0.0))
 
 
@@ -163,7 +166,7 @@ class _Checkpointer:
             rel = _file(self.folder, shards_done, name)
             files[rel] = atomic_write_file(self.manifest.job_dir / rel, safetensors_bytes({TENSOR: total.detach().cpu().contiguous()}))
         gathered = distributed.all_gather(files)
-        self.seconds += computed
+        self.seconds += time.perf_counter() - self.since  # compute and this checkpoint's writing
         if self.world.is_main:
             all_files = {rel: meta for part in gathered for rel, meta in sorted(part.items())}
             self.manifest.record_stats(self.index, {
