@@ -203,3 +203,20 @@ def test_the_report_shows_calibration_fisher_errors_and_outliers(tmp_path, tiny_
     weight = read_unit(Manifest.load(tmp_path / "job"), 0, layer["name"])
     assert weight.n_outliers == layer["outliers"] and record["metrics"]["nbytes"] == weight.nbytes
     assert weight.nbytes == weight.lut.numel() * 4 + weight.indices.numel() + 6 * weight.n_outliers
+
+
+def test_a_jobs_sensitivities_serve_the_python_api(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llmpalette.palettization import SKMPalettizer
+    from llmpalette.palettization.sensitive_k_means import SKMPalettizerConfig
+
+    recipe = Recipe.from_yaml(str(write_recipe(tmp_path, tiny_llama_dir, samples=3, shard=1)))
+    run_job(recipe, tmp_path / "job", progress=False, evaluate=False)
+    record = Manifest.load(tmp_path / "job").stats(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    skm = SKMPalettizer(model, SKMPalettizerConfig.from_dict(recipe.stages[0].raw_config))
+    skm.compress(sensitivity_path=tmp_path / "job" / record["folder"] / "s00003")
+    from llmpalette.jobs.runner import read_unit
+    for name, weight in skm.compressed.items():
+        assert weight == read_unit(Manifest.load(tmp_path / "job"), 0, name)

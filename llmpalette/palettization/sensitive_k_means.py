@@ -282,8 +282,16 @@ def _own_samples(dataloader: Iterable, config: SKMPalettizerConfig, world) -> _O
 
 
 def load_sensitivities(path: str | Path) -> dict[str, torch.Tensor]:
-    """Sensitivities saved by `compute_sensitivity` (safetensors) or by Core ML Tools (torch.save of a dict)."""
+    """Sensitivities saved by `compute_sensitivity` (safetensors), by Core ML Tools (torch.save of a dict),
+    or a job's finished checkpoint folder (`JOB/stats/0-fisher/sNNNNN/`, one `MODULE.safetensors` per layer)."""
     path = Path(path)
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ConfigError("sensitivity_path", f"folder {path} holds no .safetensors files")
+        return {f"{file.stem}.weight": load_file(str(file))["fisher"] for file in files}
     if not path.is_file():
         raise ConfigError("sensitivity_path", f"no such file {path}")
     if path.suffix == ".safetensors":
