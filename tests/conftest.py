@@ -49,6 +49,16 @@ def tiny_llama(seed: int = 0, *, tie: bool = True, hidden: int = 64, layers: int
     return model
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow them many-fold.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (tied embeddings) saved as a local transformers folder with its tokenizer."""

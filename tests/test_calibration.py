@@ -20,7 +20,8 @@ from llmpalette.errors import ConfigError, SourceError
 from llmpalette.sources.text import HELD_OUT_EVERY, build_windows, calibration_windows, check_calibration_text, is_held_out
 from tests.conftest import byte_tokenizer, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore:`.*` is deprecated:FutureWarning")  # transformers' checkpointing renames
+pytestmark = [pytest.mark.filterwarnings("ignore:`.*` is deprecated:FutureWarning"),  # transformers' checkpointing renames
+              pytest.mark.usefixtures("one_torch_thread")]
 
 WORLD = World(0, 1, torch.device("cpu"))
 SEQ = 16
@@ -65,13 +66,6 @@ def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow them many-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,13 @@ from llmpalette.palettization.sensitive_k_means import (
 from llmpalette.sources.text import calibration_windows
 from tests.conftest import byte_tokenizer, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SEQ = 32
 SKIP_EMBEDDINGS = {"lm_head": None, "model.embed_tokens": None}
 CT_LOGGER = "coremltools.optimize.torch"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow them many-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_weight(shape=(16, 32), seed=0) -> tuple[torch.Tensor, torch.Tensor]:

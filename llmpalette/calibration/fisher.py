@@ -151,7 +151,7 @@ class ShardPlan:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count))
 
     def rounds(self, start_shard: int = 0) -> Iterator[range]:
-        """Shards by round, from `start_shard` (a multiple of nothing in particular: any finished prefix)."""
+        """Shards by round, from `start_shard` (any number of shards already summed)."""
         for first in range(start_shard, self.shards, self.world_size):
             yield range(first, min(first + self.world_size, self.shards))
 

@@ -341,17 +341,19 @@ class PostTrainingPalettizer:
 
     def report(self) -> dict[str, dict]:
         """Per compressed module: LUT shape, bits, cluster dim, parameter count and compressed bytes."""
-        return {
-            name: {
-                "n_bits": p.n_bits,
-                "cluster_dim": p.cluster_dim,
-                "group_size": p.group_size,
-                "lut_shape": list(p.lut.shape),
-                "num_params": int(torch.Size(p.shape).numel()),
-                "nbytes": p.nbytes,
-            }
-            for name, p in self.compressed.items()
-        }
+        return {name: weight_summary(p) for name, p in self.compressed.items()}
+
+
+def weight_summary(p: PalettizedWeight) -> dict:
+    """One compressed weight as the palettizers' `report()` shows it."""
+    return {
+        "n_bits": p.n_bits,
+        "cluster_dim": p.cluster_dim,
+        "group_size": p.group_size,
+        "lut_shape": list(p.lut.shape),
+        "num_params": int(torch.Size(p.shape).numel()),
+        "nbytes": p.nbytes,
+    }
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from llmpalette.palettization.post_training import (
     palettize_weight,
     plan_units,
     relative_error,
+    weight_summary,
 )
 
 log = logging.getLogger("llmpalette")
@@ -243,19 +244,8 @@ class SKMPalettizer:
 
     def report(self) -> dict[str, dict]:
         """Per compressed module: LUT shape, bits, outliers, compressed bytes and both errors."""
-        return {
-            name: {
-                "n_bits": p.n_bits,
-                "cluster_dim": p.cluster_dim,
-                "group_size": p.group_size,
-                "lut_shape": list(p.lut.shape),
-                "num_params": int(torch.Size(p.shape).numel()),
-                "outliers": p.n_outliers,
-                "nbytes": p.nbytes,
-                **self.errors.get(name, {}),
-            }
-            for name, p in self.compressed.items()
-        }
+        return {name: {**weight_summary(p), "outliers": p.n_outliers, **self.errors.get(name, {})}
+                for name, p in self.compressed.items()}
 
 
 @dataclass
