@@ -255,8 +255,8 @@ def test_resuming_after_a_round_equals_an_uninterrupted_run_bit_for_bit(llama):
     params = projection_params(llama)
     snapshots, seen = {}, []
 
-    def keep(shards_done, totals):
-        snapshots[shards_done] = {n: t.clone() for n, t in totals.items()}
+    def keep(shards_done, owned):
+        snapshots[shards_done] = {n: t.clone() for n, t in owned().items()}
 
     full = run_fisher(llama, samples, params, shard_size=2, on_round=keep, on_sample=seen.append)
     assert sorted(snapshots) == [1, 2, 3] and seen == list(range(6))

@@ -150,6 +150,10 @@ class ShardPlan:
     def samples(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count))
 
+    def rank_of_sample(self, sample: int, sharded: bool = False) -> int:
+        """The rank that computes `sample`: its shard's rank, or under FSDP (`sharded`) sample % world_size."""
+        return sample % self.world_size if sharded else self.rank_of_shard(self.shard_of(sample))
+
     def rounds(self, start_shard: int = 0) -> Iterator[range]:
         """Shards by round, from `start_shard` (any number of shards already summed)."""
         for first in range(start_shard, self.shards, self.world_size):
@@ -168,7 +172,7 @@ def fisher_sums(
     totals: dict[str, torch.Tensor] | None = None,
     start_shard: int = 0,
     gradient_checkpointing: bool = False,
-    on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    on_round: Callable[[int, Callable[[], dict[str, torch.Tensor]]], None] | None = None,
     on_sample: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The Fisher sums of `params` over samples 0..plan.count-1; returns the totals of the names this rank owns.
@@ -177,7 +181,7 @@ def fisher_sums(
         `start_shard` on (others are skipped); all ranks call this together.
     owners: name -> rank that holds its total (`distributed.owners_by_size`).
     totals: the owned totals of shards 0..start_shard-1 when resuming (zeros when None).
-    on_round(shards_done, totals): called after every round (checkpointing).
+    on_round(shards_done, owned): called after every round (checkpointing); `owned()` returns the totals.
     on_sample(index): called after each of this rank's samples (progress).
     """
     mine = {n for n, r in owners.items() if r == world.rank}
@@ -199,9 +203,7 @@ def fisher_sums(
                     if index not in wanted:
                         raise ValueError(f"shard {my_shard} expects samples {wanted.start}..{wanted[-1]}, got sample {index}")
                     loss = loss_fn(model, sample)
-                    if loss.dim() != 0 or not loss.requires_grad:
-                        raise ValueError("loss_fn must return a scalar loss that depends on the weights; got "
-                                         f"shape {list(loss.shape)}, requires_grad={loss.requires_grad} for sample {index}")
+                    check_loss(loss, index)
                     loss.backward()
                     if on_sample is not None:
                         on_sample(index)
@@ -213,8 +215,16 @@ def fisher_sums(
                 _fold(totals, squares.sums, owners, world, active=len(shards))
                 squares.reset()
             if on_round is not None:
-                on_round(shards.stop, totals)
+                on_round(shards.stop, lambda: totals)
     return totals
+
+
+def check_loss(loss: object, index: int) -> None:
+    """A loss_fn's result must be a scalar tensor that depends on the weights."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError("loss_fn must return a scalar loss that depends on the weights; got "
+                         f"shape {shape}, requires_grad={getattr(loss, 'requires_grad', False)} for sample {index}")
 
 
 def _fold(totals: dict[str, torch.Tensor], partial: dict[str, torch.Tensor], owners: Mapping[str, int], world: World, active: int) -> None:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from llmpalette import distributed
 from llmpalette.calibration.fisher import ShardPlan, causal_lm_loss, fisher_sums
+from llmpalette.calibration.sharded import fisher_sums_sharded, fsdp_requested
 from llmpalette.distributed import World
 from llmpalette.errors import JobError
 from llmpalette.jobs.files import atomic_write_file
@@ -90,18 +91,21 @@ def fisher_stage(model, plan, index: int, stage, data, tokenizer, manifest: Mani
     done_before = shards.samples(start - 1).stop if start else 0
     bar = tqdm(total=shards.count, initial=done_before, desc=f"stage {index} {stage.algorithm} sensitivities",
                unit="sample", disable=not (progress and world.is_main))
-    mine = lambda i: shards.shard_of(i) >= start and shards.rank_of_shard(shards.shard_of(i)) == world.rank  # noqa: E731
+    sharded = world.world_size > 1 and fsdp_requested()
+    mine = lambda i: shards.shard_of(i) >= start and shards.rank_of_sample(i, sharded) == world.rank  # noqa: E731
     samples = calibration_windows(tokenizer, data.text, seq_len=data.seq_len, count=shards.count, wanted=mine)
     checkpoint = _Checkpointer(manifest, index, folder, shards, world, seconds)
 
-    def on_round(shards_done: int, owned: dict[str, torch.Tensor]) -> None:
+    def on_round(shards_done: int, owned) -> None:
         bar.n = shards.samples(shards_done - 1).stop
         bar.refresh()
         checkpoint.maybe_write(shards_done, owned)
 
-    fisher_sums(model, samples, causal_lm_loss, params, shards, world, owners=owners, totals=totals, start_shard=start,
-                gradient_checkpointing=config.gradient_checkpointing, on_round=on_round,
-                on_sample=lambda i: bar.update(1))
+    if sharded and world.is_main:
+        log.info("sensitivities: the model is sharded over %d ranks with FSDP", world.world_size)
+    run = fisher_sums_sharded if sharded else fisher_sums
+    run(model, samples, causal_lm_loss, params, shards, world, owners=owners, totals=totals, start_shard=start,
+        gradient_checkpointing=config.gradient_checkpointing, on_round=on_round, on_sample=lambda i: bar.update(1))
     bar.close()
     if world.is_main:
         total = manifest.stats(index)["seconds"]
@@ -154,7 +158,8 @@ class _Checkpointer:
         self.since = time.perf_counter()
         self.last_write = 0.0
 
-    def maybe_write(self, shards_done: int, owned: dict[str, torch.Tensor]) -> None:
+    def maybe_write(self, shards_done: int, owned) -> None:
+        """`owned()` returns this rank's totals (under FSDP it gathers them: every rank calls it or none)."""
         computed = time.perf_counter() - self.since
         final = shards_done == self.shards.shards
         write = distributed.broadcast(final or computed >= CHECKPOINT_COST * self.last_write)
@@ -162,7 +167,7 @@ class _Checkpointer:
             return
         started = time.perf_counter()
         files = {}
-        for name, total in owned.items():
+        for name, total in owned().items():
             rel = _file(self.folder, shards_done, name)
             files[rel] = atomic_write_file(self.manifest.job_dir / rel, safetensors_bytes({TENSOR: total.detach().cpu().contiguous()}))
         gathered = distributed.all_gather(files)

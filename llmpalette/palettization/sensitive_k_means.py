@@ -25,6 +25,7 @@ from torch import nn
 
 from llmpalette import distributed
 from llmpalette.calibration.fisher import LossFn, ShardPlan, causal_lm_loss, fisher_sums, split_batch
+from llmpalette.calibration.sharded import fisher_sums_sharded, fsdp_requested
 from llmpalette.config import OptimizationConfig
 from llmpalette.errors import ConfigError
 from llmpalette.layout.palettized import PalettizedWeight
@@ -172,8 +173,10 @@ class SKMPalettizer:
         loss (default: causal-LM cross-entropy of a token window). Saved to `sensitivity_path`
         (safetensors) when given.
 
-        `num_sensitivity_workers` and `fsdp_auto_wrap_policy` are accepted for Core ML Tools
-        compatibility: the workers here are the processes of an `accelerate launch`.
+        The workers are the processes of an `accelerate launch` (`num_sensitivity_workers` is accepted
+        for Core ML Tools compatibility). Under several processes, `fsdp_auto_wrap_policy` (Core ML Tools'
+        `ModuleWrapPolicy`, or module classes) or an Accelerate FSDP launch shards a copy of the model
+        with FSDP for this pass (`calibration.sharded`); the sums are the same bits either way.
         """
         model = model if model is not None else self._model
         if num_sensitivity_workers > 1 and distributed.current_world().world_size == 1:
@@ -184,11 +187,14 @@ class SKMPalettizer:
         world = distributed.current_world()
         plan = self.plan(model)
         params = {sensitivity_key(p.unit): get_weight(model, p.unit) for p in plan}
-        samples = _own_samples(dataloader, self._config, world)
+        sharded = world.world_size > 1 and (fsdp_auto_wrap_policy is not None or fsdp_requested())
+        samples = _own_samples(dataloader, self._config, world, sharded)
         shards = ShardPlan(samples.count, self._config.calibration_shard_size, world.world_size)
         owners = distributed.owners_by_size({n: p.numel() for n, p in params.items()}, world.world_size)
-        totals = fisher_sums(model, samples.items, loss_fn or causal_lm_loss, params, shards, world, owners=owners,
-                             gradient_checkpointing=self._config.gradient_checkpointing)
+        options = {"wrap": fsdp_auto_wrap_policy} if sharded else {}
+        totals = (fisher_sums_sharded if sharded else fisher_sums)(
+            model, samples.items, loss_fn or causal_lm_loss, params, shards, world, owners=owners,
+            gradient_checkpointing=self._config.gradient_checkpointing, **options)
         sensitivities = {name: distributed.broadcast_tensor(totals.get(name), params[name], owners[name]) for name in params}
         if sensitivity_path is not None and world.is_main:
             from safetensors.torch import save_file
@@ -254,13 +260,14 @@ class _OwnSamples:
     items: list[tuple[int, object]]
 
 
-def _own_samples(dataloader: Iterable, config: SKMPalettizerConfig, world) -> _OwnSamples:
-    """Number the samples of the first `calibration_nsamples`; keep only this rank's (by shard)."""
+def _own_samples(dataloader: Iterable, config: SKMPalettizerConfig, world, sharded: bool = False) -> _OwnSamples:
+    """Number the samples of the first `calibration_nsamples`; keep only this rank's (by shard, or one
+    sample per rank in turn under FSDP)."""
     plan = ShardPlan(config.calibration_nsamples, config.calibration_shard_size, world.world_size)
     mine, count = [], 0
     for batch in dataloader:
         for sample in split_batch(batch):
-            if plan.rank_of_shard(plan.shard_of(count)) == world.rank:
+            if plan.rank_of_sample(count, sharded) == world.rank:
                 mine.append((count, sample))
             count += 1
             if count == config.calibration_nsamples:
