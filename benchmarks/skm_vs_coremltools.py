@@ -303,6 +303,7 @@ def _sensitivity(spec: dict, model, tokenizer) -> dict:
     else:
         from llmpalette.palettization.sensitive_k_means import SKMPalettizer, SKMPalettizerConfig
 
+        config["gradient_checkpointing"] = spec.get("gradient_checkpointing", True)  # as the recipes
         palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(config))
         with PeakMemory() as memory:
             start = time.perf_counter()
@@ -532,6 +533,9 @@ def print_notes(args, workers: int) -> None:
           "(high-water mark reset after loading; k-means worker processes added by the parent sampling the process "
           "tree every 50 ms); "
           "it includes the float32 model; float's row is the RSS with the model loaded")
+    print(f"- llmpalette's sensitivity pass: gradient_checkpointing {not args.no_gradient_checkpointing} (as the recipes), "
+          "the vocabulary projection and loss in checkpointed 64-token chunks, glibc's mmap threshold fixed at 128 KiB "
+          "(llmpalette.memory); Core ML Tools as it comes (no checkpointing option, default allocator)")
     print("- sensitivities differ in scale only: Core ML Tools rescales each tensor to max 1 and clips tiny values, "
           "llmpalette keeps raw Fisher sums (the same weighted k-means objective up to scale)")
 
@@ -546,6 +550,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="num_kmeans_workers for both tools (default: cores)")
     parser.add_argument("--out", type=Path, help="also write the raw results here (JSON)")
     parser.add_argument("--work-dir", type=Path, help="keep sensitivities, child logs and results here (default: a temp dir, removed)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="our sensitivity pass without gradient checkpointing (the recipes use it; Core ML Tools has no such option)")
     parser.add_argument("--quick", action="store_true", help="smoke run: seq_len 128, 2 samples, 2 eval windows, 4 bits")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -576,7 +582,8 @@ def main(argv=None) -> None:
         print(f"- {key}: {json.dumps(value)}")
     print(f"## Plan: bits {args.bits}, samples {args.samples}, methods {args.methods}, seq_len {args.seq_len}, "
           f"eval windows {args.eval_windows}, num_kmeans_workers {args.workers}; children log to {work}\n", flush=True)
-    common = {"seq_len": args.seq_len, "eval_windows": args.eval_windows, "workers": args.workers}
+    common = {"seq_len": args.seq_len, "eval_windows": args.eval_windows, "workers": args.workers,
+              "gradient_checkpointing": not args.no_gradient_checkpointing}
 
     float_result = run_child({**common, "step": "float"}, work, "float")
     if "error" not in float_result:

@@ -387,3 +387,49 @@ def test_calibration_window_counts_are_validated():
     with pytest.raises(ConfigError) as err:
         list(calibration_windows(tokenizer, "default", seq_len=0, count=1))
     assert err.value.field == "seq_len"
+
+
+def test_the_chunked_causal_lm_loss_is_the_models_loss_and_gradient(llama):
+    """causal_lm_loss runs the vocabulary projection in checkpointed chunks for Llama-like models: the same
+    loss and gradients as the model's own loss (float rounding), and never the [seq_len, vocab] logits."""
+    from llmpalette.calibration import fisher
+
+    ids = torch.randint(0, 257, (1, 3 * fisher.LOSS_CHUNK_TOKENS + 7), generator=torch.Generator().manual_seed(4))
+    weight = llama.model.layers[1].mlp.down_proj.weight
+    results = []
+    for loss_fn in (fisher.causal_lm_loss, lambda m, s: m(input_ids=s, labels=s, use_cache=False).loss):
+        weight.grad = None
+        loss = loss_fn(llama, ids)
+        loss.backward()
+        results.append((loss.detach(), weight.grad.clone()))
+    weight.grad = None
+    (chunked, g_chunked), (full, g_full) = results
+    assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g_chunked, g_full, rtol=1e-4, atol=1e-7) and g_full.abs().max() > 0
+    shapes, original = [], fisher._summed_nll
+
+    def recording(hidden, *rest):
+        shapes.append(hidden.shape[1])
+        return original(hidden, *rest)
+
+    fisher._summed_nll = recording
+    try:
+        fisher.causal_lm_loss(llama, ids)
+    finally:
+        fisher._summed_nll = original
+    assert max(shapes) <= fisher.LOSS_CHUNK_TOKENS and sum(shapes) == ids.shape[1] - 1  # never the whole window
+
+
+def test_return_freed_memory_fixes_the_mmap_threshold_unless_the_user_set_malloc(monkeypatch):
+    from llmpalette import memory
+
+    monkeypatch.setattr(memory, "_done", False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert memory.return_freed_memory() is False  # the user's allocator settings win
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("LLMPALETTE_KEEP_MALLOC", "1")
+    assert memory.return_freed_memory() is False
+    monkeypatch.delenv("LLMPALETTE_KEEP_MALLOC")
+    for key in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(key)
+    assert memory.return_freed_memory() is True and memory._done

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from llmpalette import distributed
@@ -34,10 +35,38 @@ log = logging.getLogger("llmpalette")
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
 
+# Causal LMs whose logits are exactly `lm_head(decoder(ids).last_hidden_state)` (no soft-capping or scale).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+LOSS_CHUNK_TOKENS = 64
+
+
 def causal_lm_loss(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
-    """The mean next-token cross-entropy of one token window (1-D or [1, seq_len]) under a causal LM."""
+    """The mean next-token cross-entropy of one token window (1-D or [1, seq_len]) under a causal LM.
+
+    For the models in PLAIN_HEAD_MODEL_TYPES the vocabulary projection and the cross-entropy run in
+    chunks of LOSS_CHUNK_TOKENS tokens, each recomputed in the backward pass (`torch.utils.checkpoint`):
+    the full [seq_len, vocab] logits, their log-softmax and their gradient (about 300 MB at 512 tokens
+    and SmolLM2's 49,152 entries) never exist at once. The same loss as `model(..., labels=ids).loss`
+    up to float rounding; other models take that path."""
     ids = sample.view(1, -1).to(next(model.parameters()).device)
-    return model(input_ids=ids, labels=ids, use_cache=False).loss
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not isinstance(head, nn.Linear) \
+            or ids.shape[1] <= LOSS_CHUNK_TOKENS + 1:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    targets = ids[:, 1:]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[1], LOSS_CHUNK_TOKENS):
+        part = slice(start, start + LOSS_CHUNK_TOKENS)
+        total = total + torch.utils.checkpoint.checkpoint(_summed_nll, hidden[:, part], head.weight, head.bias,
+                                                          targets[:, part], use_reentrant=False)
+    return total / targets.numel()
+
+
+def _summed_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    logits = nn.functional.linear(hidden, weight, bias).float()
+    return nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
 
 
 def split_batch(batch: object) -> list[object]:

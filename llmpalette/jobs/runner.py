@@ -30,6 +30,7 @@ from llmpalette.modules import get_weight
 from llmpalette.jobs.statistics import FisherStats, fisher_stage
 from llmpalette.palettization.post_training import Plan, PlannedUnit, plan_units, relative_error
 from llmpalette.recipe import ALGORITHMS, DTYPES, Recipe
+from llmpalette.memory import return_freed_memory
 from llmpalette.sources.models import load_model, resolve_model
 from llmpalette.sources.text import build_windows, check_calibration_text, check_text_source
 
@@ -84,6 +85,7 @@ def run_job(
         summary = run_job(Recipe.from_yaml("recipes/smollm2-kmeans-4bit-g16.yaml"), "jobs/default")
     """
     world = world or World(0, 1, torch.device("cpu"))
+    return_freed_memory()
     job_dir = Path(job_dir)
     started = time.perf_counter()
     source = resolve_model(recipe.model)

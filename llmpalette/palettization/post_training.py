@@ -26,6 +26,7 @@ from llmpalette.maths.assign import nearest
 from llmpalette.maths.kmeans1d import kmeans_1d
 from llmpalette.maths.kmeans_vector import kmeans_vector
 from llmpalette.maths.lut import dequantize_lut, quantize_lut
+from llmpalette.memory import return_freed_memory
 from llmpalette.modules import SUPPORTED_MODULES, WeightUnit, get_weight, set_weight, weight_units
 
 log = logging.getLogger("llmpalette")
@@ -327,6 +328,7 @@ class PostTrainingPalettizer:
                 None uses every core. The result does not depend on it.
             inplace: modify the model passed in (True) or a deep copy of it (False, the default).
         """
+        return_freed_memory()
         model = self._model if inplace else copy.deepcopy(self._model)
         self.compressed = {}
         plan = self.plan(model)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -29,6 +29,7 @@ from llmpalette.calibration.sharded import fisher_sums_sharded, fsdp_requested
 from llmpalette.config import OptimizationConfig
 from llmpalette.errors import ConfigError
 from llmpalette.layout.palettized import PalettizedWeight
+from llmpalette.memory import return_freed_memory
 from llmpalette.modules import get_weight, set_weight
 from llmpalette.palettization.post_training import (
     ModulePostTrainingPalettizerConfig,
@@ -152,7 +153,7 @@ class SKMPalettizer:
         self._config = config if config is not None else SKMPalettizerConfig()
         self._seed = seed
         self.compressed: dict[str, PalettizedWeight] = {}
-        self.sensitivities: dict[str, torch.Tensor] = {}
+        self.sensitivities: Mapping[str, torch.Tensor] = {}
         self.errors: dict[str, dict[str, float]] = {}
 
     def plan(self, model: nn.Module | None = None) -> Plan:
@@ -178,6 +179,7 @@ class SKMPalettizer:
         `ModuleWrapPolicy`, or module classes) or an Accelerate FSDP launch shards a copy of the model
         with FSDP for this pass (`calibration.sharded`); the sums are the same bits either way.
         """
+        return_freed_memory()
         model = model if model is not None else self._model
         if num_sensitivity_workers > 1 and distributed.current_world().world_size == 1:
             log.warning("num_sensitivity_workers=%d: llmpalette's workers are the processes of `accelerate launch`; "
@@ -225,6 +227,7 @@ class SKMPalettizer:
             num_sensitivity_workers: see `compute_sensitivity`.
             inplace: modify the model passed in (True) or a deep copy of it (False).
         """
+        return_freed_memory()
         model = self._model if inplace else copy.deepcopy(self._model)
         plan = self.plan(model)
         if sensitivity_path is not None:
@@ -278,21 +281,45 @@ def _own_samples(dataloader: Iterable, config: SKMPalettizerConfig, world, shard
     return _OwnSamples(count, mine)
 
 
-def load_sensitivities(path: str | Path) -> dict[str, torch.Tensor]:
+def load_sensitivities(path: str | Path) -> Mapping[str, torch.Tensor]:
     """Sensitivities saved by `compute_sensitivity` (safetensors), by Core ML Tools (torch.save of a dict),
-    or a job's finished checkpoint folder (`JOB/stats/0-fisher/sNNNNN/`, one `MODULE.safetensors` per layer)."""
+    or a job's finished checkpoint folder (`JOB/stats/0-fisher/sNNNNN/`, one `MODULE.safetensors` per layer).
+    Safetensors are read one tensor at a time when asked for, and a torch-saved dict is memory-mapped, so
+    clustering holds one layer's sensitivities, not the model's."""
     path = Path(path)
     if path.is_dir():
-        from safetensors.torch import load_file
-
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ConfigError("sensitivity_path", f"folder {path} holds no .safetensors files")
-        return {f"{file.stem}.weight": load_file(str(file))["fisher"] for file in files}
+        return _LazyTensors({f"{file.stem}.weight": (file, "fisher") for file in files})
     if not path.is_file():
         raise ConfigError("sensitivity_path", f"no such file {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt") as f:
+            return _LazyTensors({key: (path, key) for key in f.keys()})
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+class _LazyTensors(Mapping):
+    """name -> tensor, each read from its safetensors file when asked for."""
+
+    def __init__(self, where: dict[str, tuple[Path, str]]):
+        self._where = where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file, key = self._where[name]
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
