@@ -21,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from llmpalette import distributed
+from llmpalette.calibration.sums import ShardPlan, accumulate_rounds
 from llmpalette.distributed import World
 
 log = logging.getLogger("llmpalette")
@@ -158,37 +157,6 @@ def gradients_for(model: nn.Module, params: Mapping[str, nn.Parameter], *, gradi
             p.grad = grads[id(p)]
 
 
-@dataclass(frozen=True)
-class ShardPlan:
-    """Which samples each round and rank take: `count` samples in shards of `shard_size`."""
-
-    count: int
-    shard_size: int
-    world_size: int
-
-    @property
-    def shards(self) -> int:
-        return -(-self.count // self.shard_size)
-
-    def shard_of(self, sample: int) -> int:
-        return sample // self.shard_size
-
-    def rank_of_shard(self, shard: int) -> int:
-        return shard % self.world_size
-
-    def samples(self, shard: int) -> range:
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count))
-
-    def rank_of_sample(self, sample: int, sharded: bool = False) -> int:
-        """The rank that computes `sample`: its shard's rank, or under FSDP (`sharded`) sample % world_size."""
-        return sample % self.world_size if sharded else self.rank_of_shard(self.shard_of(sample))
-
-    def rounds(self, start_shard: int = 0) -> Iterator[range]:
-        """Shards by round, from `start_shard` (any number of shards already summed)."""
-        for first in range(start_shard, self.shards, self.world_size):
-            yield range(first, min(first + self.world_size, self.shards))
-
-
 def fisher_sums(
     model: nn.Module,
     samples: Iterable[tuple[int, object]],
@@ -216,35 +184,19 @@ def fisher_sums(
     mine = {n for n, r in owners.items() if r == world.rank}
     if totals is None:
         totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items() if n in mine}
-    stream = iter(samples)
     # One rank, one sample per shard: a shard's sum is its one square (0 + x = x exactly), so adding the
     # squares straight into the totals is the same arithmetic without a second full-size buffer.
     direct = world.world_size == 1 and plan.shard_size == 1
     squares = SquaredGradients(params, sums=totals if direct else None)
+
+    def one(index: int, sample: object) -> None:
+        loss = loss_fn(model, sample)
+        check_loss(loss, index)
+        loss.backward()
+
     with gradients_for(model, params, gradient_checkpointing=gradient_checkpointing), squares:
-        for shards in plan.rounds(start_shard):
-            my_shard = shards.start + world.rank
-            if my_shard in shards:
-                wanted = plan.samples(my_shard)
-                for index, sample in stream:
-                    if index < wanted.start:
-                        continue
-                    if index not in wanted:
-                        raise ValueError(f"shard {my_shard} expects samples {wanted.start}..{wanted[-1]}, got sample {index}")
-                    loss = loss_fn(model, sample)
-                    check_loss(loss, index)
-                    loss.backward()
-                    if on_sample is not None:
-                        on_sample(index)
-                    if index == wanted[-1]:
-                        break
-                else:
-                    raise ValueError(f"the calibration data ended before sample {wanted[-1]} (shard {my_shard})")
-            if not direct:
-                _fold(totals, squares.sums, owners, world, active=len(shards))
-                squares.reset()
-            if on_round is not None:
-                on_round(shards.stop, lambda: totals)
+        accumulate_rounds(samples, one, squares, totals, plan, world, owners, direct=direct, start_shard=start_shard,
+                          on_round=on_round, on_sample=on_sample)
     return totals
 
 
@@ -254,12 +206,3 @@ def check_loss(loss: object, index: int) -> None:
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError("loss_fn must return a scalar loss that depends on the weights; got "
                          f"shape {shape}, requires_grad={getattr(loss, 'requires_grad', False)} for sample {index}")
-
-
-def _fold(totals: dict[str, torch.Tensor], partial: dict[str, torch.Tensor], owners: Mapping[str, int], world: World, active: int) -> None:
-    """Add this round's shard sums into the owners' totals, one shard at a time in shard (= rank) order."""
-    for name, owner in owners.items():
-        parts = distributed.gather_to(partial[name], owner) if world.world_size > 1 else [partial[name]]
-        if parts is not None:
-            for part in parts[:active]:
-                totals[name].add_(part)

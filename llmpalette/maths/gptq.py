@@ -1,0 +1,133 @@
+"""GPTQ's error feedback for one weight matrix (Frantar et al. 2022; the authors' `gptq.py`, as Core ML
+Tools 9.0's `layerwise_compression/algorithms.py` runs it), with the grid left to the caller.
+
+The weight W [rows, columns] multiplies inputs X [tokens, columns]; H = XᵀX / tokens. Columns are
+quantized one at a time; each one's rounding error is spread over the columns not yet quantized, in
+proportion to the rows of the upper Cholesky factor of H⁻¹, which minimises ‖(W − Ŵ) Xᵀ‖² column by
+column. What "quantize a column" means is the caller's: the nearest point of a uniform grid
+(linear quantization), or the nearest entry of each row's LUT (GPTQ onto a LUT). So one loop serves
+every kind of the compressed-weight format.
+
+Pure tensor maths: no modules, no files, no ranks.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+MAX_DAMPING_TRIES = 6  # dampening x10 each time H + damp*I is not positive definite
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """The quantized weight (dequantized values, float32, the columns in their original order), the summed
+    loss Σ (w − q)² / d² / 2 GPTQ minimises (d: the diagonal of the Cholesky factor of H⁻¹), the
+    dampening actually added (a fraction of mean diag H) and the number of dead columns (zero in H)."""
+
+    weight: torch.Tensor
+    loss: float
+    dampening: float
+    dead_columns: int
+
+
+class SingularHessian(ValueError):
+    """H + damp·I was not positive definite even after raising the dampening MAX_DAMPING_TRIES times."""
+
+
+def inverse_cholesky(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, float32, and the dampening used: the
+    given one, or 10x, 100x, ... when the damped H is still not positive definite (a documented fallback;
+    `SingularHessian` when none works)."""
+    h = hessian.to(torch.float32)
+    mean_diag = torch.mean(torch.diagonal(h)).item()
+    if not mean_diag > 0:
+        raise SingularHessian("the Hessian has no positive diagonal entry (the layer saw only zero inputs)")
+    damp = dampening
+    for _ in range(MAX_DAMPING_TRIES):
+        damped = h.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        damp = damp * 10 if damp > 0 else 1e-6
+    raise SingularHessian(f"the Hessian is not positive definite even with dampening {damp / 10:g} of its mean diagonal")
+
+
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantize: Callable[[torch.Tensor, int], torch.Tensor],
+    *,
+    dampening: float = 0.01,
+    processing_group_size: int = 128,
+    act_order: bool = False,
+    block_size: int | None = None,
+    refit: Callable[[torch.Tensor, int], None] | None = None,
+) -> GPTQResult:
+    """Quantize `weight` [rows, columns] column by column with GPTQ's error feedback.
+
+    quantize(column, j): the quantized (dequantized) values of column `j` (its index in the original
+        order) given its current, error-corrected values [rows].
+    dampening: Core ML Tools' `hessian_dampening`, a fraction of the mean diagonal of H.
+    processing_group_size: columns updated lazily together (the paper's block of 128; no effect on the
+        result beyond float rounding).
+    act_order: Core ML Tools' `use_activation_order_heuristic`: columns in order of decreasing diag H.
+    block_size, refit: with a `block_size` and without act_order, `refit(columns, j0)` is called when
+        column j0 starts a block, with the block's current columns [rows, block_size], so the caller can
+        set that block's grid from the error-corrected weights (GPTQ's groups). With act_order the caller
+        sets every block's grid from the original weight beforehand (static groups).
+    """
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float32).clone()
+    rows, columns = w.shape
+    if h.shape != (columns, columns):
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match a weight of {columns} columns")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    h_inv, damp = inverse_cholesky(h, dampening)
+    del h
+    q = torch.zeros_like(w)
+    loss = torch.zeros((), dtype=torch.float64)
+    for i1 in range(0, columns, processing_group_size):
+        i2 = min(i1 + processing_group_size, columns)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = h_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if refit is not None and block_size and perm is None and j % block_size == 0:
+                # the block's columns as they stand now: in this lazy batch from w1; beyond it from w plus
+                # the batch's pending updates (the authors' code reads W there, without them)
+                beyond = min(block_size - (i2 - j), columns - i2)
+                current = w1[:, i : i + block_size]
+                if beyond > 0:
+                    later = w[:, i2 : i2 + beyond] - err1[:, :i] @ h_inv[i1:j, i2 : i2 + beyond]
+                    current = torch.cat([current, later], dim=1)
+                refit(current, j)
+            column = w1[:, i]
+            d = h1[i, i]
+            quantized = quantize(column, int(perm[j]) if perm is not None else j).to(torch.float32)
+            q[:, j] = quantized
+            error = (column - quantized) / d
+            loss += (error.double() ** 2).sum() / 2
+            w1[:, i:] -= error.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            err1[:, i] = error
+        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return GPTQResult(q, float(loss), damp, int(dead.sum()))
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖(W − Ŵ) Xᵀ‖² / tokens = trace((W − Ŵ) H (W − Ŵ)ᵀ) for H = XᵀX / tokens: what GPTQ minimises."""
+    delta = (weight.to(torch.float64) - quantized.to(torch.float64))
+    return float(torch.einsum("ri,ij,rj->", delta, hessian.to(torch.float64), delta))
