@@ -122,6 +122,19 @@ class SquaredGradients:
             t.zero_()
 
 
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """transformers' activation (gradient) checkpointing on or off, non-reentrant; its newer name first."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 @contextlib.contextmanager
 def gradients_for(model: nn.Module, params: Mapping[str, nn.Parameter], *, gradient_checkpointing: bool = False) -> Iterator[None]:
     """Only `params` require gradients; the model is in eval mode (no dropout), or in train mode with
@@ -142,14 +155,14 @@ def gradients_for(model: nn.Module, params: Mapping[str, nn.Parameter], *, gradi
             dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
             if dropouts or getattr(getattr(model, "config", None), "attention_dropout", 0.0):
                 log.warning("gradient checkpointing runs the model in train mode, and it has dropout: sensitivities are random")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointing(model, True)
             model.train()
         else:
             model.eval()
         yield
     finally:
         if checkpointing and not was_checkpointing:
-            model.gradient_checkpointing_disable()
+            set_checkpointing(model, False)
         model.train(training)
         for p in model.parameters():
             p.requires_grad_(before[id(p)])

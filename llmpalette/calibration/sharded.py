@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llmpalette import distributed
-from llmpalette.calibration.fisher import LossFn, ShardPlan, check_loss
+from llmpalette.calibration.fisher import LossFn, ShardPlan, check_loss, set_checkpointing
 from llmpalette.distributed import World
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"
@@ -172,7 +172,7 @@ def fisher_sums_sharded(
     by_model_name = {names[id(p)]: key for key, p in params.items()}
     shadow = sharded_copy(model, wrap_classes(model, wrap), by_model_name, world.device)
     if gradient_checkpointing and hasattr(shadow, "gradient_checkpointing_enable"):
-        shadow.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(shadow, True)
         shadow.train()
     else:
         shadow.eval()
