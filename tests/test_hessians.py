@@ -191,3 +191,49 @@ def test_a_singular_hessian_gets_more_dampening_and_then_a_clear_error():
         inverse_cholesky(torch.diag(torch.tensor([10.0, -1.0])), 0.0)  # indefinite
     with pytest.raises(ValueError, match="does not match"):
         gptq(torch.zeros(2, 3), torch.eye(4), lambda c, j: c)
+
+
+# --- GPTQ onto LUTs ---------------------------------------------------------------------------------------
+
+def quantile_luts(weight: torch.Tensor, group_size: int, entries: int) -> torch.Tensor:
+    groups = weight.reshape(-1, group_size * weight.shape[1])
+    return torch.quantile(groups, torch.linspace(0.02, 0.98, entries), dim=1).t().contiguous()
+
+
+def test_gptq_onto_luts_beats_nearest_entry_and_keeps_every_weight_on_its_groups_lut():
+    from llmpalette.maths.lut_gptq import NearestLUTEntry
+
+    weight = torch.randn(32, 48, generator=torch.Generator().manual_seed(7))
+    x = correlated_inputs(400, 48, seed=8)
+    hessian = x.t() @ x / 400
+    luts = quantile_luts(weight, 8, 8)  # 3-bit LUT per group of 8 rows
+    nearest = NearestLUTEntry(luts, 8, 48)
+    rounded = torch.stack([nearest(weight[:, j], j) for j in range(48)], 1)
+    quantizer = NearestLUTEntry(luts, 8, 48)
+    result = gptq(weight, hessian, quantizer, processing_group_size=16)
+    assert torch.equal(result.weight, quantizer.row_luts.gather(1, quantizer.indices))
+    assert output_error(weight, result.weight, hessian) < 0.8 * output_error(weight, rounded, hessian)
+
+
+def test_refit_luts_solves_the_normal_equations_and_never_raises_the_error():
+    from llmpalette.maths.lut_gptq import NearestLUTEntry, refit_luts
+
+    weight = torch.randn(16, 24, generator=torch.Generator().manual_seed(9))
+    x = correlated_inputs(300, 24, seed=10)
+    hessian = x.t() @ x / 300
+    luts = quantile_luts(weight, 8, 4)
+    luts[1, 3] = 100.0  # an entry nobody is nearest to keeps its value
+    quantizer = NearestLUTEntry(luts, 8, 24)
+    before = gptq(weight, hessian, quantizer).weight
+    refit = refit_luts(weight, quantizer.indices, hessian, luts, 8)
+    assert refit[1, 3] == 100.0 and not torch.equal(refit, luts)
+    after = refit.repeat_interleave(8, 0).gather(1, quantizer.indices)
+    assert output_error(weight, after, hessian) <= output_error(weight, before, hessian)
+    # the gradient of the output error with respect to every used entry is zero (dense one-hot check)
+    t = refit.double().clone().requires_grad_(True)
+    onehot = torch.nn.functional.one_hot(quantizer.indices, 4).double()  # [rows, columns, K]
+    q = torch.einsum("rck,rk->rc", onehot, t.repeat_interleave(8, 0))
+    delta = weight.double() - q
+    torch.einsum("ri,ij,rj->", delta, hessian.double(), delta).backward()
+    used = onehot.reshape(2, -1, 4).sum(1) > 0
+    assert t.grad[used].abs().max() < 1e-6 * hessian.abs().max() * weight.abs().max() * 24 * 8

@@ -1,0 +1,64 @@
+"""GPTQ onto LUTs: the pieces `maths.gptq.gptq` needs to quantize a weight to per-grouped-channel LUTs
+instead of a uniform grid (GPTVQ and GANQ do this for codebooks; Core ML Tools has nothing like it).
+
+- `NearestLUTEntry`: the column quantizer: each element goes to the nearest entry of its row's LUT
+  (rows of a group share one), and the chosen indices are kept.
+- `refit_luts`: GANQ's closed-form update: with the indices fixed, each group's LUT T minimises the
+  output error Σ_rows (w_r − T[idx_r]) H (w_r − T[idx_r])ᵀ, a K×K linear system per group
+  (A = Σ_r S_rᵀ H S_r, b = Σ_r S_rᵀ H w_r, S_r the one-hot assignment of row r). Entries no weight uses
+  keep their values.
+
+Scalar LUTs (cluster_dim 1) along the output axis (rows), which is how a Linear's per_grouped_channel
+LUT is laid out. Pure tensor maths.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class NearestLUTEntry:
+    """quantize(column, j) for `gptq`: the nearest entry of each row's LUT (first on ties); the indices
+    chosen are kept in `indices` [rows, columns] (original column order)."""
+
+    def __init__(self, luts: torch.Tensor, group_size: int, columns: int):
+        if luts.dim() != 2:
+            raise ValueError(f"luts must be [groups, entries], got shape {tuple(luts.shape)}")
+        self.row_luts = luts.to(torch.float32).repeat_interleave(group_size, dim=0)
+        self.indices = torch.zeros((self.row_luts.shape[0], columns), dtype=torch.long)
+
+    def __call__(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        distance = (column.to(torch.float32).unsqueeze(1) - self.row_luts).abs()
+        index = torch.argmin(distance, dim=1)
+        self.indices[:, j] = index
+        return self.row_luts.gather(1, index.unsqueeze(1)).squeeze(1)
+
+
+def refit_luts(weight: torch.Tensor, indices: torch.Tensor, hessian: torch.Tensor, luts: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    """The LUTs [groups, K] that minimise the output error for fixed `indices` [rows, columns] (see the
+    module docstring); `luts` supplies the entries no weight uses. float32 out, solved in float64."""
+    w = weight.to(torch.float64)
+    h = hessian.to(torch.float64)
+    groups, entries = luts.shape
+    rows, columns = w.shape
+    if rows != groups * group_size or indices.shape != w.shape or h.shape != (columns, columns):
+        raise ValueError(f"shapes do not fit: weight {tuple(w.shape)}, indices {tuple(indices.shape)}, "
+                         f"hessian {tuple(h.shape)}, luts {tuple(luts.shape)} with group_size {group_size}")
+    hw = w @ h  # [rows, columns]: row r is (H w_r)ᵀ
+    out = luts.to(torch.float64).clone()
+    for g in range(groups):
+        a = torch.zeros((entries, entries), dtype=torch.float64)
+        b = torch.zeros(entries, dtype=torch.float64)
+        for r in range(g * group_size, (g + 1) * group_size):
+            idx = indices[r]
+            hs = torch.zeros((columns, entries), dtype=torch.float64).index_add_(1, idx, h)  # H S_r
+            a.index_add_(0, idx, hs)  # S_rᵀ H S_r
+            b.index_add_(0, idx, hw[r])  # S_rᵀ H w_r
+        used = torch.diagonal(a) > 0
+        if not used.any():
+            continue
+        a_u = a[used][:, used]
+        ridge = 1e-12 * torch.diagonal(a_u).mean()
+        solution = torch.linalg.lstsq(a_u + ridge * torch.eye(int(used.sum()), dtype=torch.float64), b[used].unsqueeze(1)).solution
+        out[g, used] = solution.squeeze(1)
+    return out.to(torch.float32)
