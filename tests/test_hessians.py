@@ -237,3 +237,22 @@ def test_refit_luts_solves_the_normal_equations_and_never_raises_the_error():
     torch.einsum("ri,ij,rj->", delta, hessian.double(), delta).backward()
     used = onehot.reshape(2, -1, 4).sum(1) > 0
     assert t.grad[used].abs().max() < 1e-6 * hessian.abs().max() * weight.abs().max() * 24 * 8
+
+
+def test_lut_gptq_palettizes_with_a_lower_output_error_than_weighted_kmeans():
+    from llmpalette.palettization import ModulePostTrainingPalettizerConfig, palettize_weight
+    from llmpalette.palettization.gptq_lut import gptq_palettize_weight
+
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(11))
+    x = correlated_inputs(512, 64, seed=12)
+    hessian = x.t() @ x / 512
+    config = ModulePostTrainingPalettizerConfig.from_dict({"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 8})
+    palettized, info = gptq_palettize_weight(weight, hessian, config, iterations=2, processing_group_size=16)
+    plain = output_error(weight, palettize_weight(weight, config).decode(), hessian)
+    ours = output_error(weight, palettized.decode(), hessian)
+    assert palettized.n_bits == 3 and palettized.group_size == 8 and tuple(palettized.lut.shape) == (4, 8, 1)
+    assert abs(ours - info.error) <= 1e-6 * ours and info.best_pass >= 0
+    assert ours < 0.8 * info.kmeans_error < 0.8 * plain, (ours, info, plain)  # GPTQ + refits; diag(H)-weighted start
+    with pytest.raises(ValueError, match="scalar float LUTs"):
+        gptq_palettize_weight(weight, hessian, ModulePostTrainingPalettizerConfig.from_dict(
+            {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 8, "cluster_dim": 2}))

@@ -1,0 +1,89 @@
+"""GPTQ onto LUTs for one weight: per-grouped-channel scalar LUTs fitted to the layer's output error.
+
+1. Initial LUTs: the exact weighted k-means of each group (the SKM machinery), each weight weighted by
+   its input channel's diagonal Hessian entry (the error of column j costs about H_jj per unit²).
+2. GPTQ's error feedback with "nearest entry of the row's LUT" as the quantizer (`maths.gptq`,
+   `maths.lut_gptq.NearestLUTEntry`).
+3. GANQ's closed-form LUT update for the indices GPTQ chose (`maths.lut_gptq.refit_luts`), then
+   GPTQ again with the new LUTs; `iterations` times. The LUTs and indices with the lowest output error
+   ‖(W − Ŵ)Xᵀ‖² seen along the way are kept.
+
+The result is an ordinary `PalettizedWeight` (per_grouped_channel, float32 LUT), so it is stored,
+reported, loaded and exported like any k-means result. A Linear weight [out, in]: LUTs are shared by
+`group_size` consecutive output channels, columns are input channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmpalette.layout.palettized import PalettizedWeight
+from llmpalette.maths.gptq import gptq, output_error
+from llmpalette.maths.lut_gptq import NearestLUTEntry, refit_luts
+from llmpalette.palettization.post_training import ModulePostTrainingPalettizerConfig, palettize_weight
+
+
+@dataclass(frozen=True)
+class LUTGPTQInfo:
+    """How the LUT-GPTQ of one weight went: the output error of the k-means start, of the result, which
+    pass gave the result (0: the first GPTQ pass), and the dampening GPTQ used."""
+
+    kmeans_error: float
+    error: float
+    best_pass: int
+    dampening: float
+
+
+def gptq_palettize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: ModulePostTrainingPalettizerConfig,
+    *,
+    iterations: int = 2,
+    dampening: float = 0.01,
+    act_order: bool = False,
+    processing_group_size: int = 128,
+    seed: int = 0,
+) -> tuple[PalettizedWeight, LUTGPTQInfo]:
+    """LUT-GPTQ of a Linear weight [out, in] with H = XᵀX / tokens [in, in]; see the module docstring.
+
+    config: scalar LUTs along the output channels (per_tensor, per_channel or per_grouped_channel,
+        channel_axis 0, cluster_dim 1, float LUT, no per-channel scale).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"LUT-GPTQ takes a Linear weight [out, in], got shape {tuple(weight.shape)}")
+    if config.vector_size != 1 or config.channel_axis != 0 or config.enable_per_channel_scale or config.lut_dtype not in (None, "fp32", "float32"):
+        raise ValueError("LUT-GPTQ supports scalar float LUTs along the output channels (cluster_dim 1, channel_axis 0, "
+                         "no enable_per_channel_scale, no lut_dtype)")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    w = weight.detach().to(torch.float32)
+    h = hessian.detach().to(torch.float32)
+    rows, columns = w.shape
+    group_size = config.channels_per_lut(tuple(w.shape))
+    importance = torch.diagonal(h).clamp(min=0).expand(rows, columns)
+    start = palettize_weight(w, config, seed=seed, importance=importance)
+    luts = start.lut[..., 0].to(torch.float32)  # [groups, K]
+    kmeans_error = output_error(w, start.decode(), h)
+    best = None
+    damp_used = dampening
+    for step in range(iterations + 1):
+        quantizer = NearestLUTEntry(luts, group_size, columns)
+        result = gptq(w, h, quantizer, dampening=dampening, act_order=act_order, processing_group_size=processing_group_size)
+        damp_used = result.dampening
+        candidates = [(luts, quantizer.indices)]
+        if step < iterations:
+            luts = refit_luts(w, quantizer.indices, h, luts, group_size)
+            candidates.append((luts, quantizer.indices))  # the refit alone, same indices
+        for lut, indices in candidates:
+            error = output_error(w, lut.repeat_interleave(group_size, 0).gather(1, indices), h)
+            if best is None or error < best[0]:
+                best = (error, lut.clone(), indices.clone(), step)
+    error, lut, indices, best_pass = best
+    if kmeans_error <= error:  # GPTQ did not help this layer (tiny or degenerate): keep the k-means start
+        return start, LUTGPTQInfo(kmeans_error, kmeans_error, -1, damp_used)
+    palettized = PalettizedWeight.from_assignment(
+        lut.unsqueeze(-1), indices.reshape(rows // group_size, group_size * columns),
+        shape=(rows, columns), n_bits=config.n_bits, channel_axis=0, group_size=group_size)
+    return palettized, LUTGPTQInfo(kmeans_error, error, best_pass, damp_used)
