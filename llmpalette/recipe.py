@@ -10,6 +10,8 @@ stages:
       global_config: {n_bits: 4, granularity: per_grouped_channel, group_size: 16}
       module_name_configs: {lm_head: null, model.embed_tokens: null}
 evaluate: {windows: 16, seq_len: 512}
+export:                         # optional, run by `llmpalette compress` after the stages and the report
+  coreml: {path: model.mlpackage, context_length: 512, prefill_length: 64}   # path relative to the job dir
 ```
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from llmpalette.config import OptimizationConfig
 from llmpalette.errors import ConfigError
 from llmpalette.palettization.post_training import PostTrainingPalettizerConfig, palettize_weight
 from llmpalette.palettization.sensitive_k_means import SKMPalettizerConfig, skm_palettize_weight
+from llmpalette.quantization.post_training import PostTrainingQuantizerConfig, rtn_compress_unit
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "kmeans": Algorithm(PostTrainingPalettizerConfig, palettize_weight),
     "skm": Algorithm(SKMPalettizerConfig, skm_palettize_weight, statistic="sensitivity"),
+    "rtn": Algorithm(PostTrainingQuantizerConfig, rtn_compress_unit),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` -> load dtype
 
@@ -68,6 +72,20 @@ class EvaluateSpec:
     windows: int = 16            # held-out windows for perplexity (0: no evaluation)
     seq_len: int = 512
     batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class CoreMLExportSpec:
+    path: str = "model.mlpackage"  # relative paths are inside the job directory
+    context_length: int = 512
+    prefill_length: int = 64
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What `llmpalette compress` exports after the stages; not part of what decides the compressed bytes."""
+
+    coreml: CoreMLExportSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,7 @@ class Recipe:
     seed: int = 0
     dtype: str = "float32"
     source: str | None = field(default=None, compare=False)
+    export: ExportSpec | None = None
 
     @classmethod
     def from_yaml(cls, path: str) -> "Recipe":
@@ -129,7 +148,7 @@ class Recipe:
         return recipe
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        raw = {
             "model": self.model,
             "tokenizer": self.tokenizer,
             "dtype": self.dtype,
@@ -138,6 +157,9 @@ class Recipe:
             "stages": [s.as_dict() for s in self.stages],
             "evaluate": dataclasses.asdict(self.evaluate),
         }
+        if self.export is not None:
+            raw["export"] = {name: dataclasses.asdict(value) for name, value in vars(self.export).items() if value is not None}
+        return raw
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
@@ -188,7 +210,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=False, default=str))
 
 
-_TOP_FIELDS = ("model", "tokenizer", "dtype", "seed", "data", "stages", "evaluate")
+_TOP_FIELDS = ("model", "tokenizer", "dtype", "seed", "data", "stages", "evaluate", "export")
 
 
 def _parse(raw: Any, source: str | None) -> Recipe:
@@ -215,7 +237,29 @@ def _parse(raw: Any, source: str | None) -> Recipe:
         if getattr(evaluate, name) < minimum:
             raise ConfigError(f"evaluate.{name}", f"must be >= {minimum}, got {getattr(evaluate, name)}")
     stages = _stages(raw.get("stages"))
-    return Recipe(stages=stages, model=model, tokenizer=tokenizer, data=data, evaluate=evaluate, seed=seed, dtype=dtype, source=source)
+    return Recipe(stages=stages, model=model, tokenizer=tokenizer, data=data, evaluate=evaluate, seed=seed, dtype=dtype,
+                  source=source, export=_export(raw.get("export")))
+
+
+def _export(raw: Any) -> ExportSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("export", f"expected a mapping such as {{coreml: {{path: model.mlpackage}}}}, got {raw!r}")
+    for key in raw:
+        if key != "coreml":
+            raise ConfigError(f"export.{key}", "unknown export; known: coreml")
+    try:
+        coreml = _section(raw, "coreml", CoreMLExportSpec) if "coreml" in raw else None
+    except ConfigError as e:
+        raise ConfigError(f"export.{e.field}", e.message) from None
+    if coreml is not None:
+        if not coreml.path.endswith(".mlpackage"):
+            raise ConfigError("export.coreml.path", f"must end in .mlpackage, got {coreml.path!r}")
+        if coreml.context_length < 1 or not 1 <= coreml.prefill_length <= coreml.context_length:
+            raise ConfigError("export.coreml.prefill_length",
+                              f"must be in 1..context_length ({coreml.context_length}), got {coreml.prefill_length}")
+    return ExportSpec(coreml=coreml)
 
 
 def _scalar(raw: Mapping, key: str, tp: type, default: Any) -> Any:

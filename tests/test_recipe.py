@@ -107,5 +107,9 @@ def test_shipped_recipes_parse():
     for p in paths:
         r = Recipe.from_yaml(str(p))
         g = r.stages[0].config.global_config
-        bits.add((g.n_bits, g.granularity, g.group_size))
+        if r.stages[0].algorithm == "rtn":
+            bits.add((r.stages[0].algorithm, g.weight_dtype, g.granularity))
+        else:
+            bits.add((g.n_bits, g.granularity, g.group_size))
     assert {(4, "per_grouped_channel", 16), (3, "per_grouped_channel", 16), (2, "per_grouped_channel", 16), (8, "per_channel", None)} <= bits
+    assert {("rtn", "int8", "per_channel"), ("rtn", "int4", "per_channel")} <= bits

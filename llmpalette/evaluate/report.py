@@ -251,13 +251,21 @@ def _layers(manifest: Manifest) -> list[dict[str, Any]]:
             "tied_names": record["names"][1:],
             "module_type": record.get("module_type"),
             "shape": record["shape"],
-            "n_bits": config["n_bits"],
+            "n_bits": _bits(config),
             "granularity": config["granularity"],
-            "group_size": config["group_size"],
-            "cluster_dim": config["cluster_dim"] or 1,
+            "group_size": config.get("group_size") or config.get("block_size"),  # a LUT's channels, or a grid's block
+            "cluster_dim": config.get("cluster_dim") or 1,
             **record["metrics"],
         })
     return rows
+
+
+def _bits(config: dict[str, Any]) -> int:
+    """A unit's bits: a LUT's `n_bits`, or the width of a linear quantizer's `weight_dtype` (`int4` -> 4)."""
+    if "n_bits" in config:
+        return config["n_bits"]
+    digits = re.search(r"(\d+)$", str(config.get("weight_dtype", "")))
+    return int(digits.group(1)) if digits else 0
 
 
 def format_report(report: dict[str, Any]) -> str:

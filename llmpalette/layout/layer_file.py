@@ -1,15 +1,17 @@
 """A layer file: one compressed weight in a safetensors file, as a job writes it and everyone reads it.
 
-The file holds the weight's tensors under `PARAM.lut`, `PARAM.indices`, ... (`PalettizedWeight.to_tensors`)
-and exactly one metadata key, `PARAM.__palettized__`: the layout as JSON (`PalettizedWeight.metadata`)
+The weight is either kind of the compressed-weight format: palettized (`PalettizedWeight`: tensors
+`PARAM.lut`, `PARAM.indices`, ...) or linear-quantized (`QuantizedWeight`: `PARAM.data`,
+`PARAM.scale`, `PARAM.zero_point`). The file holds the weight's tensors (`to_tensors`) and exactly
+one metadata key, `PARAM.__palettized__` or `PARAM.__quantized__`: the layout as JSON (`metadata`)
 plus the module it belongs to (`module`) and the modules that share the tensor (`aliases`, tied
-weights). So a plain reader gets the weight back with
+weights). The key's suffix says the kind, so a plain reader gets the weight back with
 
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
-    PalettizedWeight.from_tensors(load_file(path), metadata, "weight")
+    PalettizedWeight.from_tensors(load_file(path), metadata, "weight")   # or QuantizedWeight
 
 One metadata key keeps the bytes reproducible: safetensors orders several keys differently from run
 to run. `layer_file_bytes` writes the format and `read_layer_file` is its one reader.
@@ -25,18 +27,25 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from llmpalette.layout.palettized import PalettizedWeight
+from llmpalette.layout.quantized import METADATA_SUFFIX as QUANTIZED_SUFFIX
+from llmpalette.layout.quantized import QuantizedWeight
 
+CompressedWeight = PalettizedWeight | QuantizedWeight
 METADATA_SUFFIX = ".__palettized__"
+KINDS: dict[str, type[PalettizedWeight] | type[QuantizedWeight]] = {
+    METADATA_SUFFIX: PalettizedWeight,
+    QUANTIZED_SUFFIX: QuantizedWeight,
+}  # metadata key suffix -> the kind it announces
 
 
 @dataclass(frozen=True)
 class LayerFile:
-    """What a layer file holds: the weight, its parameter name, its module and the tied aliases."""
+    """What a layer file holds: the weight (either kind), its parameter name, its module and the tied aliases."""
 
     module: str
     param: str
     aliases: tuple[str, ...]
-    weight: PalettizedWeight
+    weight: CompressedWeight
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -59,13 +68,15 @@ def read_layer_file(path: str | Path) -> LayerFile:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for damaged headers
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-    keys = [key for key in metadata if key.endswith(METADATA_SUFFIX)]
+    keys = [(key, suffix) for key in metadata for suffix in KINDS if key.endswith(suffix)]
     if len(keys) != 1:
-        raise ValueError(f"{path}: expected one '*{METADATA_SUFFIX}' metadata key, found {sorted(metadata)}")
-    param = keys[0][: -len(METADATA_SUFFIX)]
-    info = json.loads(metadata[keys[0]])
+        expected = " or ".join(f"'*{suffix}'" for suffix in KINDS)
+        raise ValueError(f"{path}: expected one {expected} metadata key, found {sorted(metadata)}")
+    key, suffix = keys[0]
+    param = key[: -len(suffix)]
+    info = json.loads(metadata[key])
     try:
-        weight = PalettizedWeight.from_tensors(tensors, metadata, param)
+        weight = KINDS[suffix].from_tensors(tensors, metadata, param)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return LayerFile(module=str(info.get("module", "")), param=param, aliases=tuple(info.get("aliases", ())), weight=weight)
