@@ -256,3 +256,36 @@ def test_lut_gptq_palettizes_with_a_lower_output_error_than_weighted_kmeans():
     with pytest.raises(ValueError, match="scalar float LUTs"):
         gptq_palettize_weight(weight, hessian, ModulePostTrainingPalettizerConfig.from_dict(
             {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 8, "cluster_dim": 2}))
+
+
+# --- GPTQ onto the uniform grid (the linear-quantized kind) -------------------------------------------------
+
+def test_gptq_on_the_rtn_grid_beats_rtn_and_decodes_to_what_it_chose():
+    from llmpalette.quantization.gptq import ModuleGPTQConfig, gptq_quantize_weight
+    from llmpalette.quantization.post_training import rtn_quantize_weight
+
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(13))
+    x = correlated_inputs(512, 64, seed=14)
+    hessian = x.t() @ x / 512
+    for fields, margin in [({"weight_dtype": "int4"}, 0.8), ({"weight_dtype": "uint4", "quantization_scheme": "affine"}, 0.8),
+                           ({"weight_dtype": "int3", "granularity": "per_block", "block_size": 16}, 0.97),
+                           ({"weight_dtype": "int4", "use_activation_order_heuristic": True}, 0.8),
+                           ({"weight_dtype": "int3", "granularity": "per_block", "block_size": 16, "use_activation_order_heuristic": True}, 0.97)]:
+        config = ModuleGPTQConfig.from_dict(fields)
+        quantized, info = gptq_quantize_weight(weight, hessian, config)
+        rtn = rtn_quantize_weight(weight, config)
+        assert quantized.shape == rtn.shape and quantized.n_bits == rtn.n_bits and quantized.scale.shape == rtn.scale.shape
+        ours, theirs = output_error(weight, quantized.decode(), hessian), output_error(weight, rtn.decode(), hessian)
+        assert ours < margin * theirs, (fields, ours, theirs)
+        assert info.dampening == 0.01 and info.dead_columns == 0
+
+
+def test_gptq_config_has_core_ml_tools_fields_and_refuses_bad_values():
+    from llmpalette.quantization.gptq import ModuleGPTQConfig
+
+    config = ModuleGPTQConfig.from_dict({"algorithm": "gptq", "weight_dtype": "uint4", "hessian_dampening": 0.05,
+                                         "use_activation_order_heuristic": True, "processing_group_size": 64})
+    assert (config.weight_n_bits, config.hessian_dampening, config.processing_group_size) == (4, 0.05, 64)
+    for field, value in [("hessian_dampening", -0.1), ("processing_group_size", 0), ("enable_normal_float", True), ("algorithm", "sparse_gpt")]:
+        with pytest.raises(Exception, match=field):
+            ModuleGPTQConfig.from_dict({field: value})
