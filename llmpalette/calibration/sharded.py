@@ -125,15 +125,22 @@ def sharded_copy(model: nn.Module, classes: tuple[type, ...], requires_grad: Ite
     for name, p in shadow.named_parameters():
         p.requires_grad_(name in wanted)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    for module in reversed(list(shadow.modules())):
-        if isinstance(module, classes):
-            fully_shard(module, mp_policy=policy)
-    fully_shard(shadow, mp_policy=policy)
+    units = [m for m in shadow.modules() if isinstance(m, classes)]
+    if not units:
+        raise ValueError(f"no module of {type(model).__name__} is one of the FSDP wrap classes {[c.__name__ for c in classes]}")
+    for module in reversed(units):
+        fully_shard(module, mp_policy=policy)
+    # The modules outside the units (embedding, final norm, lm_head) stay whole on every rank: a few
+    # percent of an LLM, and the chunked loss (`fisher.causal_lm_loss`) can then use lm_head directly,
+    # exactly as one process does.
     buffers = dict(model.named_buffers())
     shadow.to_empty(device=device)
     world = dist.get_world_size()
     with torch.no_grad():
         for name, p in shadow.named_parameters():
+            if not hasattr(p, "to_local"):
+                p.copy_(named[name].detach())
+                continue
             local = p.to_local()
             rows = -(-named[name].shape[0] // world) if named[name].dim() else 0
             start = dist.get_rank() * rows
@@ -180,6 +187,10 @@ def fisher_sums_sharded(
     for module, comm in zip(_fsdp_modules(shadow), comms):
         module.set_custom_reduce_scatter(comm)
     sharded = {key: dict(shadow.named_parameters())[name] for name, key in by_model_name.items()}
+    outside = [name for name, key in by_model_name.items() if not hasattr(sharded[key], "to_local")]
+    if outside:
+        raise ValueError(f"under FSDP the compressed weights must lie inside the wrapped blocks; {outside[:3]} do not "
+                         "(leave them alone in the config, or run the sensitivities without FSDP)")
     rows: dict[str, torch.Tensor] = {}  # this rank's rows of each total: views into the comms' buffers
 
     def step(first: int, active: int, sample: object, index: int) -> None:
