@@ -1,4 +1,4 @@
-"""`llmpalette compress | report`: the commands. Expected errors become one line and exit code 2."""
+"""`llmpalette compress | report | export | verify`: the commands. Expected errors become one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("job_dir")
     report.add_argument("--json", action="store_true", help="print report.json instead of the markdown")
     report.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    export = sub.add_parser("export", help="turn a finished job into a Core ML model (iOS18 .mlpackage) and check it")
+    export.add_argument("job_dir")
+    export.add_argument("--coreml", required=True, metavar="OUT.mlpackage", help="the Core ML package to write")
+    export.add_argument("--context-length", type=int, default=512, help="KV-cache length in tokens (default 512)")
+    export.add_argument("--prefill-length", type=int, default=64, help="tokens per prefill call (default 64)")
+    export.add_argument("--model", help="override the job's source model (same architecture)")
+    export.add_argument("--no-verify", action="store_true", help="skip the checks after writing (weights, reference evaluation)")
+    export.add_argument("--quiet", action="store_true", help="warnings and errors only")
+
+    verify = sub.add_parser("verify", help="check a Core ML package against its job (on Linux: no Core ML runtime needed)")
+    verify.add_argument("package", metavar="OUT.mlpackage")
+    verify.add_argument("--against", required=True, metavar="JOB", help="the job the package was exported from")
+    verify.add_argument("--model", help="override the job's source model (same architecture)")
+    verify.add_argument("--sequences", type=int, default=2, help="token sequences for the reference evaluation (0: weights only)")
+    verify.add_argument("--decode-steps", type=int, default=4, help="decode steps after each prefill (default 4)")
+    verify.add_argument("--quiet", action="store_true", help="warnings and errors only")
     return parser
 
 
@@ -67,6 +84,40 @@ def _compress(args) -> int:
             if not args.no_eval:
                 report = build_report(args.job_dir, progress=not args.quiet, loaded=summary.loaded)
                 _print_summary(report, quality_verdict(report["evaluation"]))
+            if recipe.export is not None and recipe.export.coreml is not None:
+                _export_recipe(recipe.export.coreml, Path(args.job_dir))
+    return 0
+
+
+def _export_recipe(spec, job_dir: Path) -> None:
+    """The recipe's `export: {coreml: ...}` section, run after the stages; a relative path is inside the job."""
+    from llmpalette.export.coreml import export_coreml
+
+    out = Path(spec.path) if Path(spec.path).is_absolute() else job_dir / spec.path
+    result = export_coreml(job_dir, out, context_length=spec.context_length, prefill_length=spec.prefill_length)
+    print("\n".join(result.lines()))
+
+
+def _export(args) -> int:
+    from llmpalette.export.coreml import export_coreml
+
+    _setup_output(args.quiet)
+    result = export_coreml(args.job_dir, args.coreml, context_length=args.context_length,
+                           prefill_length=args.prefill_length, model=args.model, verify=not args.no_verify)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def _verify(args) -> int:
+    from llmpalette.export.coreml import verify_coreml
+
+    _setup_output(args.quiet)
+    result = verify_coreml(args.package, args.against, model=args.model, sequences=args.sequences,
+                           decode_steps=args.decode_steps)
+    print("\n".join(result.lines()))
+    if not result.passed:
+        print(f"llmpalette: error: {args.package} fails {len(result.problems)} check(s) against {args.against}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -105,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     saved = (log.handlers[:], log.propagate, log.level)
     try:
-        code = {"compress": _compress, "report": _report}[args.command](args)
+        code = {"compress": _compress, "report": _report, "export": _export, "verify": _verify}[args.command](args)
         sys.stdout.flush()
         return code
     except LlmpaletteError as e:
