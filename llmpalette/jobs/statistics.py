@@ -88,10 +88,12 @@ def fisher_stage(model, plan, index: int, stage, data, tokenizer, manifest: Mani
         shutil.rmtree(manifest.job_dir / folder, ignore_errors=True)  # leftovers of a run that recorded nothing
     distributed.barrier()
 
+    sharded = world.world_size > 1 and fsdp_requested()
+    if sharded and world.is_main:  # before the progress bar, so the line is not glued onto it
+        log.info("sensitivities: the model is sharded over %d ranks with FSDP", world.world_size)
     done_before = shards.samples(start - 1).stop if start else 0
     bar = tqdm(total=shards.count, initial=done_before, desc=f"stage {index} {stage.algorithm} sensitivities",
                unit="sample", disable=not (progress and world.is_main))
-    sharded = world.world_size > 1 and fsdp_requested()
     mine = lambda i: shards.shard_of(i) >= start and shards.rank_of_sample(i, sharded) == world.rank  # noqa: E731
     samples = calibration_windows(tokenizer, data.text, seq_len=data.seq_len, count=shards.count, wanted=mine)
     checkpoint = _Checkpointer(manifest, index, folder, shards, world, seconds)
@@ -101,8 +103,6 @@ def fisher_stage(model, plan, index: int, stage, data, tokenizer, manifest: Mani
         bar.refresh()
         checkpoint.maybe_write(shards_done, owned)
 
-    if sharded and world.is_main:
-        log.info("sensitivities: the model is sharded over %d ranks with FSDP", world.world_size)
     run = fisher_sums_sharded if sharded else fisher_sums
     run(model, samples, causal_lm_loss, params, shards, world, owners=owners, totals=totals, start_shard=start,
         gradient_checkpointing=config.gradient_checkpointing, on_round=on_round, on_sample=lambda i: bar.update(1))
