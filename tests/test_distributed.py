@@ -15,6 +15,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_ranks(folder, worker_source: str) -> None:
+    """Write `worker_source` to FOLDER/worker.py and run it as 2 gloo processes (`torchrun`) with FOLDER as
+    its argument; the worker saves what it computed there."""
+    (folder / "worker.py").write_text(worker_source)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                             str(folder / "worker.py"), str(folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_ranks_equal_one_rank(tmp_path, tiny_recipe):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"

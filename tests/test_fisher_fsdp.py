@@ -15,7 +15,7 @@ from llmpalette.calibration.fisher import ShardPlan, causal_lm_loss, fisher_sums
 from llmpalette.calibration.sharded import wrap_classes
 from llmpalette.distributed import World
 from tests.conftest import REPO, tiny_llama
-from tests.test_distributed import free_port
+from tests.test_distributed import free_port, run_two_ranks
 from tests.test_jobs import layer_bytes
 from tests.test_skm_jobs import ENV, stats_bytes, write_recipe
 
@@ -74,10 +74,7 @@ def compressed(model: nn.Module) -> dict[str, nn.Parameter]:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp")
-    (folder / "worker.py").write_text(WORKER)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                             str(folder / "worker.py"), str(folder)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks(folder, WORKER)
     ranks = [torch.load(folder / f"rank{r}.pt") for r in range(2)]
     return {case: ({n: t for r in ranks for n, t in r[case]["owned"].items()}, ranks[0][case]["rounds"], ranks)
             for case in ranks[0]}

@@ -2,8 +2,6 @@
 block inputs captured once and run block by block reproduce the model; Hessians are Σ XᵀX with the token
 count, the same bits from 2 gloo ranks as from 1; GPTQ beats round-to-nearest on ‖(W − Ŵ)Xᵀ‖ and falls
 back clearly on a singular Hessian."""
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,9 +17,8 @@ from llmpalette.calibration.hessians import (
 from llmpalette.calibration.sums import ShardPlan
 from llmpalette.distributed import World
 from llmpalette.maths.gptq import SingularHessian, gptq, inverse_cholesky, output_error
-from tests.conftest import REPO, tiny_llama
-from tests.test_distributed import free_port
-from tests.test_skm_jobs import ENV
+from tests.conftest import tiny_llama
+from tests.test_distributed import run_two_ranks
 
 ONE = World(0, 1, torch.device("cpu"))
 
@@ -99,10 +96,7 @@ WORKER = textwrap.dedent('''
 
 
 def test_two_ranks_give_the_one_process_hessians_bit_for_bit(tmp_path):
-    (tmp_path / "worker.py").write_text(WORKER)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                             str(tmp_path / "worker.py"), str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks(tmp_path, WORKER)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): the same matrix-product kernels
     for count, shard in [(5, 1), (7, 2)]:

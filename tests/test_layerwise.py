@@ -1,8 +1,6 @@
 """Layerwise (sequential, block by block) compression: layers grouped by the input they read, GPTQ
 through the blocks beats rounding on the model's output, 2 gloo ranks give the 1-rank weights bit for
 bit, and resuming at a block gives the same weights as an uninterrupted run."""
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -13,10 +11,9 @@ from llmpalette.calibration.sums import ShardPlan
 from llmpalette.distributed import World
 from llmpalette.maths.gptq import gptq
 from llmpalette.quantization.layerwise import compress_layerwise, input_groups
-from tests.conftest import REPO, tiny_llama
-from tests.test_distributed import free_port
+from tests.conftest import tiny_llama
+from tests.test_distributed import run_two_ranks
 from tests.test_hessians import SymmetricGrid, forward, windows
-from tests.test_skm_jobs import ENV
 
 ONE = World(0, 1, torch.device("cpu"))
 BITS = 3
@@ -104,10 +101,7 @@ WORKER = textwrap.dedent('''
 
 
 def test_two_ranks_give_the_one_rank_weights_bit_for_bit(tmp_path):
-    (tmp_path / "worker.py").write_text(WORKER)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                             str(tmp_path / "worker.py"), str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks(tmp_path, WORKER)
     torch.set_num_threads(1)
     model = tiny_llama(seed=6).eval()
     run(model, gptq_layer, samples=5)

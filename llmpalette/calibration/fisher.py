@@ -26,7 +26,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from llmpalette.calibration.sums import ShardPlan, accumulate_rounds
+from llmpalette.calibration.sums import HookedSums, ShardPlan, accumulate_rounds
 from llmpalette.distributed import World
 
 log = logging.getLogger("llmpalette")
@@ -92,7 +92,7 @@ def split_batch(batch: object) -> list[object]:
     return [type(batch)(take(v, i) for v in batch) for i in range(n)]
 
 
-class SquaredGradients:
+class SquaredGradients(HookedSums):
     """`with SquaredGradients(params) as sq:` every backward pass adds grad ** 2 (float32) of each named
     parameter into `sq.sums[name]` and frees the gradient at once. Tied names of one tensor: list one."""
 
@@ -108,18 +108,8 @@ class SquaredGradients:
             param.grad = None
         return add_square
 
-    def __enter__(self) -> "SquaredGradients":
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in self.params.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def reset(self) -> None:
-        for t in self.sums.values():
-            t.zero_()
+    def _register(self) -> list:
+        return [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in self.params.items()]
 
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmpalette.calibration.sums import ShardPlan, accumulate_rounds
+from llmpalette.calibration.sums import HookedSums, ShardPlan, accumulate_rounds
 from llmpalette.distributed import World
 
 TOKENS = ".tokens"  # the token count travels with each Hessian as a float64 scalar under NAME + TOKENS
@@ -86,7 +86,7 @@ def run_block(block: nn.Module, inputs: BlockInput) -> BlockInput:
     return BlockInput(hidden, inputs.args, inputs.kwargs)
 
 
-class InputHessians:
+class InputHessians(HookedSums):
     """`with InputHessians(layers) as hs:` each forward of a named layer adds XᵀX of its input (float32,
     rows = all tokens of the call) into `hs.sums[name]` and the token count into `hs.sums[name + TOKENS]`."""
 
@@ -103,18 +103,8 @@ class InputHessians:
             self.sums[name + TOKENS].add_(x.shape[0])
         return add
 
-    def __enter__(self) -> "InputHessians":
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def reset(self) -> None:
-        for t in self.sums.values():
-            t.zero_()
+    def _register(self) -> list:
+        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
 
 
 def zero_sums(layers: Mapping[str, nn.Module], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

@@ -183,9 +183,10 @@ def fisher_sums_sharded(
         shadow.train()
     else:
         shadow.eval()
-    comms = [SquaresInSampleOrder(world.world_size, plan) for _ in range(_units(shadow))]
-    for module, comm in zip(_fsdp_modules(shadow), comms):
-        module.set_custom_reduce_scatter(comm)
+    comms = []
+    for module in _fsdp_modules(shadow):
+        comms.append(SquaresInSampleOrder(world.world_size, plan))
+        module.set_custom_reduce_scatter(comms[-1])
     sharded = {key: dict(shadow.named_parameters())[name] for name, key in by_model_name.items()}
     outside = [name for name, key in by_model_name.items() if not hasattr(sharded[key], "to_local")]
     if outside:
@@ -203,6 +204,14 @@ def fisher_sums_sharded(
             if key not in rows:
                 rows[key] = _rows_of_total(p, comms)
             p.grad = None
+
+    gathered: list[dict[str, torch.Tensor]] = []
+
+    def final() -> dict[str, torch.Tensor]:
+        """The finished totals, gathered once (the last checkpoint and the return value share them)."""
+        if not gathered:
+            gathered.append(_gather_owned(rows, sharded, owners, world))
+        return gathered[0]
 
     start = plan.samples(start_shard).start if start_shard < plan.shards else plan.count
     stream = iter(samples)
@@ -224,14 +233,10 @@ def fisher_sums_sharded(
             on_sample(index)
         done = first + active
         if on_round is not None and (done % plan.shard_size == 0 or done == plan.count):
-            on_round(plan.shard_of(done - 1) + 1, lambda: _gather_owned(rows, sharded, owners, world))
-    owned = _gather_owned(rows, sharded, owners, world)
+            on_round(plan.shard_of(done - 1) + 1, final if done == plan.count else lambda: _gather_owned(rows, sharded, owners, world))
+    owned = final()
     del shadow, comms, rows, sharded
     return owned
-
-
-def _units(shadow: nn.Module) -> int:
-    return sum(1 for _ in _fsdp_modules(shadow))
 
 
 def _fsdp_modules(shadow: nn.Module):

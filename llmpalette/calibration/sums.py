@@ -67,6 +67,30 @@ class Accumulator(Protocol):
     def reset(self) -> None: ...
 
 
+class HookedSums:
+    """An Accumulator fed by hooks: `with acc:` registers them (`_register()` returns their handles) and
+    removes them on exit; `reset()` zeroes the sums."""
+
+    sums: dict[str, torch.Tensor]
+    _handles: list = []
+
+    def _register(self) -> list:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = self._register()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        for t in self.sums.values():
+            t.zero_()
+
+
 def accumulate_rounds(
     samples: Iterable[tuple[int, object]],
     run: Callable[[int, object], None],

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpalette.errors import ConfigError
+from llmpalette.layout.metadata import read_layout
 from llmpalette.layout.packing import pack_bits, packed_size, unpack_bits
 from llmpalette.maths.lut import dequantize_lut
 
@@ -447,24 +448,7 @@ def _metadata_key(prefix: str) -> str:
 
 def _read_layout(metadata: dict[str, str], prefix: str) -> dict[str, object]:
     """The layout fields stored under `prefix`, checked for presence, version and JSON types."""
-    key = _metadata_key(prefix)
-    if key not in metadata:
-        raise ValueError(f"{prefix}: missing metadata key {key!r}; not a palettized weight")
-    try:
-        layout = json.loads(metadata[key])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{prefix}: metadata {key!r} is not valid JSON: {error}") from error
-    if not isinstance(layout, dict):
-        raise ValueError(f"{prefix}: metadata {key!r} must be a JSON object")
-    version = layout.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{prefix}: format_version {version!r} is not supported (this llmpalette reads "
-            f"{FORMAT_VERSION})"
-        )
-    missing = [field for field in _LAYOUT_FIELDS if field not in layout]
-    if missing:
-        raise ValueError(f"{prefix}: metadata {key!r} lacks {missing}")
+    layout = read_layout(metadata, _metadata_key(prefix), prefix, "palettized weight", _LAYOUT_FIELDS, FORMAT_VERSION)
     if not isinstance(layout["shape"], list):
         raise ValueError(f"{prefix}: shape: must be a list, got {layout['shape']!r}")
     return {**{field: layout[field] for field in _LAYOUT_FIELDS}, "shape": tuple(layout["shape"])}

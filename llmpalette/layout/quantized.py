@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpalette.errors import ConfigError
+from llmpalette.layout.metadata import read_layout
 from llmpalette.layout.packing import pack_bits, packed_size, unpack_bits
 from llmpalette.maths.uniform import block_counts, dequantize_blocks, storage_range
 
@@ -296,23 +297,8 @@ def metadata_key(prefix: str) -> str:
 def _read_layout(metadata: dict[str, str], prefix: str) -> tuple[dict[str, object], bool]:
     """The layout fields stored under `prefix` and whether a zero point is stored, checked for
     presence, version and JSON types."""
-    key = metadata_key(prefix)
-    if key not in metadata:
-        raise ValueError(f"{prefix}: missing metadata key {key!r}; not a linear-quantized weight")
-    try:
-        layout = json.loads(metadata[key])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{prefix}: metadata {key!r} is not valid JSON: {error}") from error
-    if not isinstance(layout, dict):
-        raise ValueError(f"{prefix}: metadata {key!r} must be a JSON object")
-    version = layout.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{prefix}: format_version {version!r} is not supported (this llmpalette reads {FORMAT_VERSION})"
-        )
-    missing = [field for field in (*_LAYOUT_FIELDS, "has_zero_point") if field not in layout]
-    if missing:
-        raise ValueError(f"{prefix}: metadata {key!r} lacks {missing}")
+    layout = read_layout(metadata, metadata_key(prefix), prefix, "linear-quantized weight", (*_LAYOUT_FIELDS, "has_zero_point"),
+                         FORMAT_VERSION)
     for field in ("shape", "block_sizes"):
         if not isinstance(layout[field], list):
             raise ValueError(f"{prefix}: {field}: must be a list, got {layout[field]!r}")
