@@ -26,13 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", help="override the recipe's model: a hub id, a transformers folder or a .gguf file")
     compress.add_argument("--tokenizer", help="where the tokenizer is, when the model has none (hub id, folder or .gguf)")
     compress.add_argument("--data", help="override the recipe's text: 'default', a local .txt/.jsonl/.parquet file or folder, or a hub dataset")
-    compress.add_argument("--no-eval", action="store_true", help="skip the evaluation and report")
+    compress.add_argument("--no-eval", action="store_true",
+                          help="skip the perplexity evaluation and write no report (report.json/.md/.png); "
+                               "`llmpalette report JOB` writes it later (with --no-eval there: without perplexity)")
     compress.add_argument("--quiet", action="store_true", help="no progress bars, no information lines (warnings and errors only)")
 
-    report = sub.add_parser("report", help="print a job's report (evaluating it first if it has none)")
+    report = sub.add_parser("report", help="print a job's report (writing it first, with the perplexity evaluation, "
+                                           "if it has none or has none measured)")
     report.add_argument("job_dir")
     report.add_argument("--json", action="store_true", help="print report.json instead of the markdown")
-    report.add_argument("--quiet", action="store_true", help="no progress bars")
+    report.add_argument("--no-eval", action="store_true",
+                        help="skip the perplexity evaluation: a job without a report gets one from the compression "
+                             "figures only (sizes, per-layer errors, compression time)")
+    report.add_argument("--quiet", action="store_true", help="no progress bars, no information lines")
 
     export = sub.add_parser("export", help="turn a finished job into a Core ML model (iOS18 .mlpackage) and check it")
     export.add_argument("job_dir")
@@ -68,7 +74,6 @@ def _setup_output(quiet: bool, main_rank: bool = True) -> None:
 
 def _compress(args) -> int:
     from llmpalette import distributed
-    from llmpalette.evaluate.report import build_report, quality_verdict
     from llmpalette.jobs.runner import run_job
     from llmpalette.recipe import Recipe
 
@@ -78,15 +83,30 @@ def _compress(args) -> int:
         summary = run_job(recipe, args.job_dir, resume=args.resume, world=world, progress=not args.quiet,
                           evaluate=not args.no_eval)
         if world.is_main:
-            print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run"
-                  f"{f'; {len(summary.redone)} of the computed were redone (missing or corrupt)' if summary.redone else ''}) "
-                  f"on {world.world_size} rank(s) in {summary.seconds:.1f} s -> {summary.job_dir}")
-            if not args.no_eval:
-                report = build_report(args.job_dir, progress=not args.quiet, loaded=summary.loaded)
-                _print_summary(report, quality_verdict(report["evaluation"]))
-            if recipe.export is not None and recipe.export.coreml is not None:
-                _export_recipe(recipe.export.coreml, Path(args.job_dir))
+            _after_stages(args, recipe, summary, world.world_size)
     return 0
+
+
+def _after_stages(args, recipe, summary, world_size: int) -> None:
+    """Rank 0, once the stages are done: the summary, then (holding the job's lock) the report and the export."""
+    from llmpalette.evaluate.report import build_report, compression_time, compression_time_line, quality_verdict
+    from llmpalette.jobs.lock import JobLock
+    from llmpalette.jobs.manifest import Manifest
+
+    print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run"
+          f"{f'; {len(summary.redone)} of the computed were redone (missing or corrupt)' if summary.redone else ''}) "
+          f"on {world_size} rank(s) in {summary.seconds:.1f} s (this run's wall time, model loading included) "
+          f"-> {summary.job_dir}")
+    print(f"{compression_time_line(compression_time(Manifest.load(summary.job_dir)))}, recorded in the job over all its runs")
+    export = recipe.export.coreml if recipe.export is not None else None
+    if args.no_eval and export is None:
+        return
+    with JobLock(summary.job_dir):  # the report and the export write into the job too
+        if not args.no_eval:
+            report = build_report(summary.job_dir, progress=not args.quiet, loaded=summary.loaded)
+            _print_summary(report, quality_verdict(report["evaluation"]))
+        if export is not None:
+            _export_recipe(export, summary.job_dir)
 
 
 def _export_recipe(spec, job_dir: Path) -> None:
@@ -135,16 +155,24 @@ def _print_summary(report: dict, verdict: str | None) -> None:
 
 
 def _report(args) -> int:
-    from llmpalette.evaluate.report import REPORT_MD, build_report, read_report
+    from llmpalette.evaluate.report import REPORT_MD, build_report, needs_evaluation, read_report
     from llmpalette.jobs.compressed import compressed_weights
+    from llmpalette.jobs.lock import JobLock
     from llmpalette.jobs.manifest import Manifest
 
     _setup_output(args.quiet)
+    manifest = Manifest.load(Path(args.job_dir))
     report = read_report(args.job_dir)
-    if report is None:
-        report = build_report(args.job_dir, progress=not args.quiet)  # refuses an unfinished or corrupt job first
+    if report is None or (needs_evaluation(report) and not args.no_eval):
+        spec = manifest.data["recipe"]["evaluate"]
+        if not args.no_eval and spec["windows"]:
+            log.info("%s has no perplexity yet: evaluating the float and compressed models on %d held-out windows of "
+                     "%d tokens first (`llmpalette report %s --no-eval` skips it)",
+                     args.job_dir, spec["windows"], spec["seq_len"], args.job_dir)
+        with JobLock(args.job_dir):  # refuses while a compress or another report writes the job
+            report = build_report(args.job_dir, progress=not args.quiet, evaluate=not args.no_eval)  # checks the job first
     else:
-        compressed_weights(Manifest.load(Path(args.job_dir)))  # the job may have been damaged since its report
+        compressed_weights(manifest)  # the job may have been damaged since its report
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -72,6 +72,11 @@ def _check_value(value: Any, tp: Any, field: str) -> Any:
         raise ConfigError(field, f"expected a string, got {value!r}")
     if tp is Any:
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(field, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_value(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
     raise TypeError(f"unsupported config annotation {tp!r} for {field}")
 
 
@@ -196,23 +201,23 @@ class OptimizationConfig:
         for key in config_dict:
             if key not in known:
                 raise ConfigError(str(key), f"unknown field; known fields: {', '.join(known)}")
-        module_cls = cls.module_config_class
+        read = cls._module_config_from_dict
         global_config = None
         if "global_config" in config_dict and config_dict["global_config"] is not None:
-            global_config = _module_from_dict(module_cls, config_dict["global_config"], "global_config")
+            global_config = read(config_dict["global_config"], "global_config")
         type_configs = {}
         for key, value in _mapping(config_dict.get("module_type_configs"), "module_type_configs").items():
             field = f"module_type_configs.{_type_key(key)}"
             if isinstance(value, list):
-                type_configs[key] = [_module_from_dict(module_cls, v, f"{field}[{i}]") for i, v in enumerate(value)]
+                type_configs[key] = [read(v, f"{field}[{i}]") for i, v in enumerate(value)]
             else:
-                type_configs[key] = None if value is None else _module_from_dict(module_cls, value, field)
+                type_configs[key] = None if value is None else read(value, field)
         name_configs = {}
         for key, value in _mapping(config_dict.get("module_name_configs"), "module_name_configs").items():
             field = f"module_name_configs.{key}"
             if not isinstance(key, str):
                 raise ConfigError(field, f"keys are module names (regular expressions), got {key!r}")
-            name_configs[key] = None if value is None else _module_from_dict(module_cls, value, field)
+            name_configs[key] = None if value is None else read(value, field)
         hints = typing.get_type_hints(cls)
         extras = {key: _check_value(config_dict[key], hints[key], key) for key in cls._top_level_fields() if key in config_dict}
         config = cls(global_config=global_config, module_type_configs=type_configs, module_name_configs=name_configs, **extras)
@@ -223,6 +228,12 @@ class OptimizationConfig:
     @classmethod
     def from_yaml(cls, yml: IO | str) -> "OptimizationConfig":
         return cls.from_dict(_load_yaml(yml))
+
+    @classmethod
+    def _module_config_from_dict(cls, value: Any, field: str) -> ModuleOptimizationConfig:
+        """One module's config from its dictionary; a subclass whose modules may take several config
+        classes (Core ML Tools' LayerwiseCompressorConfig picks one by `algorithm`) overrides this."""
+        return module_from_dict(cls.module_config_class, value, field)
 
     def as_dict(self) -> dict[str, Any]:
         def one(c):
@@ -365,7 +376,7 @@ def freeze_config(value: Any) -> Any:
     return None if value is None else (type(value).__name__, tuple(sorted(value.as_dict().items(), key=lambda kv: kv[0])))
 
 
-def _module_from_dict(cls: type[ModuleOptimizationConfig], value: Any, field: str) -> ModuleOptimizationConfig:
+def module_from_dict(cls: type[ModuleOptimizationConfig], value: Any, field: str) -> ModuleOptimizationConfig:
     try:
         return cls.from_dict(value)
     except ConfigError as e:

@@ -28,8 +28,9 @@ import yaml
 
 from llmpalette.config import OptimizationConfig
 from llmpalette.errors import ConfigError
-from llmpalette.palettization.post_training import PostTrainingPalettizerConfig, palettize_weight
+from llmpalette.palettization.post_training import Plan, PostTrainingPalettizerConfig, palettize_weight, plan_units
 from llmpalette.palettization.sensitive_k_means import SKMPalettizerConfig, skm_palettize_weight
+from llmpalette.quantization.layerwise_compressor import LayerwiseCompressorConfig, layerwise_plan
 from llmpalette.quantization.post_training import PostTrainingQuantizerConfig, rtn_compress_unit
 
 
@@ -38,14 +39,23 @@ class Algorithm:
     """What a stage's `algorithm:` name means, all the runner needs to run it.
 
     config_class: the Core ML Tools-shaped config its `config:` dictionary is read into.
-    compress_unit: `fn(weight, module_config, *, seed, **statistics) -> compressed weight`, pure.
+    compress_unit: `fn(weight, module_config, *, seed, **statistics) -> compressed weight`, pure; None
+        for a layerwise algorithm, whose layers are compressed inside the block loop.
     statistic: what the stage computes from calibration text before its units (`"sensitivity"`: the
-        Fisher sums, passed to `compress_unit` as `sensitivity=`), or None for a data-free stage.
+        Fisher sums, passed to `compress_unit` as `sensitivity=`; `"hessian"`: each layer's input
+        Hessian, block by block), or None for a data-free stage.
+    plan: `fn(model, config) -> Plan`, the units the stage compresses and what it leaves alone.
+    layerwise: the stage runs decoder block by decoder block (`jobs.layerwise`), not unit by unit.
+    lazy_weights: the stage needs one unit's (or one block's) weights at a time, so a job reads them from
+        the model's files when it can instead of loading the whole model.
     """
 
     config_class: type[OptimizationConfig]
-    compress_unit: Callable[..., Any]
+    compress_unit: Callable[..., Any] | None = None
     statistic: str | None = None
+    plan: Callable[..., Plan] = plan_units
+    layerwise: bool = False
+    lazy_weights: bool = False
 
     @property
     def needs_text(self) -> bool:
@@ -53,10 +63,14 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "kmeans": Algorithm(PostTrainingPalettizerConfig, palettize_weight),
+    "kmeans": Algorithm(PostTrainingPalettizerConfig, palettize_weight, lazy_weights=True),
     "skm": Algorithm(SKMPalettizerConfig, skm_palettize_weight, statistic="sensitivity"),
-    "rtn": Algorithm(PostTrainingQuantizerConfig, rtn_compress_unit),
+    "rtn": Algorithm(PostTrainingQuantizerConfig, rtn_compress_unit, lazy_weights=True),
+    "gptq": Algorithm(LayerwiseCompressorConfig, statistic="hessian", plan=layerwise_plan, layerwise=True, lazy_weights=True),
 }
+# Stage config fields that do not change the compressed bytes (tested): a resumed job may change them,
+# e.g. turn gradient checkpointing on after running out of memory.
+RUNTIME_FIELDS = ("gradient_checkpointing",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` -> load dtype
 
 
@@ -98,8 +112,10 @@ class Stage:
         return {"algorithm": self.algorithm, "config": _plain(self.raw_config)}
 
     def normalized(self) -> dict[str, Any]:
-        """The stage as the typed config reads it: defaults filled in, spellings made canonical."""
-        return {"algorithm": self.algorithm, "config": _plain(self.config.as_dict())}
+        """The stage as the typed config reads it: defaults filled in, spellings made canonical, and
+        without the settings that change how it runs but not what it computes (`RUNTIME_FIELDS`)."""
+        config = {k: v for k, v in self.config.as_dict().items() if k not in RUNTIME_FIELDS}
+        return {"algorithm": self.algorithm, "config": _plain(config)}
 
     @property
     def needs_text(self) -> bool:

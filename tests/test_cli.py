@@ -20,6 +20,9 @@ def test_compress_evaluate_report(tmp_path, tiny_recipe):
     assert run.returncode == 0, run.stderr
     assert "compressed 14 layers (14 computed, 0 kept" in run.stdout
     report = json.loads((job / "report.json").read_text())
+    assert "s (this run's wall time, model loading included) -> " in run.stdout
+    assert (f"\ncompression time {report['compression_seconds']:.1f} s (layers; no sensitivity pass), "
+            "recorded in the job over all its runs\n") in run.stdout
     ev = report["evaluation"]
     assert ev["windows"] == 4 and ev["seq_len"] == 64
     assert ev["perplexity_before"] > 1 and ev["perplexity_after"] > 1
@@ -85,6 +88,51 @@ def test_job_dir_in_use_needs_resume(tmp_path, tiny_recipe, capsys):
     assert code == 2 and "pass --resume" in err
     code, out, _ = run_main(capsys, "compress", tiny_recipe, "--job-dir", tmp_path / "job", "--no-eval", "--quiet", "--resume")
     assert code == 0 and "(0 computed, 14 kept from an earlier run)" in out
+
+
+def test_report_of_a_no_eval_job_says_it_evaluates_or_skips_it(tmp_path, tiny_recipe, capsys):
+    from llmpalette.evaluate.report import NO_EVAL
+
+    job = tmp_path / "job"
+    assert run_main(capsys, "compress", tiny_recipe, "--job-dir", job, "--no-eval", "--quiet")[0] == 0
+    assert not (job / "report.json").exists()
+
+    code, out, err = run_main(capsys, "report", job, "--no-eval")
+    assert code == 0 and err == ""
+    report = json.loads((job / "report.json").read_text())
+    assert report["evaluation"]["reason"] == NO_EVAL and len(report["layers"]) == 14
+    assert out == (job / "report.md").read_text() and f"(skipped with --no-eval; `llmpalette report {job}` measures it)" in out
+    assert run_main(capsys, "report", job, "--no-eval")[1] == out  # the report is there now: printed as it is
+
+    code, out, err = run_main(capsys, "report", job)
+    assert code == 0
+    said = [line for line in err.splitlines() if "has no perplexity yet" in line]
+    assert said == [f"llmpalette: {job} has no perplexity yet: evaluating the float and compressed models on 4 held-out "
+                    f"windows of 64 tokens first (`llmpalette report {job} --no-eval` skips it)"]
+    assert json.loads((job / "report.json").read_text())["evaluation"]["measured"] is True
+    assert "| compressed (after) |" in out
+    assert run_main(capsys, "report", job) == (0, out, "")  # evaluated once
+
+
+def test_report_refuses_a_job_being_written(tmp_path, tiny_recipe, capsys):
+    from llmpalette.jobs.lock import JobLock
+
+    job = tmp_path / "job"
+    assert run_main(capsys, "compress", tiny_recipe, "--job-dir", job, "--no-eval", "--quiet")[0] == 0
+    with JobLock(job):
+        code, _, err = run_main(capsys, "report", job, "--no-eval")
+    assert code == 2 and f"job {job} is being written by pid {os.getpid()} on " in err
+    assert not (job / "report.json").exists()
+
+
+def test_help_says_what_no_eval_skips(capsys):
+    from llmpalette.cli import main
+
+    for command, says in [("compress", "skip the perplexity evaluation and write no report"),
+                          ("report", "skip the perplexity evaluation: a job without a report gets one from the compression figures only")]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert says in " ".join(capsys.readouterr().out.split())
 
 
 def test_report_warns_about_layers_that_grew():

@@ -107,9 +107,12 @@ def test_shipped_recipes_parse():
     for p in paths:
         r = Recipe.from_yaml(str(p))
         g = r.stages[0].config.global_config
-        if r.stages[0].algorithm == "rtn":
+        if hasattr(g, "weight_dtype"):
             bits.add((r.stages[0].algorithm, g.weight_dtype, g.granularity))
+        elif r.stages[0].algorithm == "gptq":
+            bits.add((g.algorithm, g.n_bits, g.granularity, g.group_size))
         else:
             bits.add((g.n_bits, g.granularity, g.group_size))
     assert {(4, "per_grouped_channel", 16), (3, "per_grouped_channel", 16), (2, "per_grouped_channel", 16), (8, "per_channel", None)} <= bits
     assert {("rtn", "int8", "per_channel"), ("rtn", "int4", "per_channel")} <= bits
+    assert {("gptq", "int4", "per_channel"), ("gptq", "int3", "per_block"), ("lut_gptq", 4, "per_grouped_channel", 16)} <= bits

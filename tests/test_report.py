@@ -11,7 +11,8 @@ import yaml
 from llmpalette.errors import JobError
 from llmpalette.evaluate import format_report, model_name, quality_verdict
 from llmpalette.evaluate import report as report_module
-from llmpalette.evaluate.report import EVAL_CACHE, NO_TOKENIZER, build_report, layer_block, plot_layer_errors
+from llmpalette.evaluate.report import (EVAL_CACHE, NO_EVAL, NO_TOKENIZER, build_report, compression_time,
+                                        compression_time_line, layer_block, needs_evaluation, plot_layer_errors)
 from llmpalette.jobs import Manifest, apply_job, run_job
 from llmpalette.recipe import Recipe
 from tests.conftest import TINY_RECIPE
@@ -107,6 +108,35 @@ def test_zero_windows_is_not_measured(job, tiny_llama_dir, no_work):
     edit_manifest(job, lambda data: data["recipe"]["evaluate"].update(windows=0))
     report = build_report(job, progress=False, loaded=float_model(tiny_llama_dir))
     assert report["evaluation"]["measured"] is False and report["evaluation"]["reason"] == "evaluate.windows is 0"
+
+
+def test_no_eval_writes_the_compression_figures_only(job, tiny_llama_dir, no_work):
+    report = build_report(job, progress=False, loaded=float_model(tiny_llama_dir), evaluate=False)
+    assert report["evaluation"] == {"windows": 4, "seq_len": 64, "measured": False, "reason": NO_EVAL, "verdict": None}
+    assert needs_evaluation(report) and not (job / EVAL_CACHE).exists()
+    assert len(report["layers"]) == 14 and report["size"]["compressed_bytes"] < report["size"]["float16_bytes"]
+    markdown = (job / "report.md").read_text()
+    assert f"Perplexity: not measured (skipped with --no-eval; `llmpalette report {job}` measures it)." in markdown
+    assert "| compressed layers only (14) |" in markdown
+
+
+def test_compression_time_is_split_and_labelled(job, tiny_llama_dir):
+    report = build_report(job, progress=False, loaded=(float_model(tiny_llama_dir)[0], None))
+    units = json.loads((job / "manifest.json").read_text())["stages"][-1]["units"].values()
+    layers = round(sum(unit["metrics"]["seconds"] for unit in units), 2)
+    assert (report["compression_seconds"], report["sensitivities_seconds"], report["layers_seconds"]) == (layers, 0, layers)
+    markdown = (job / "report.md").read_text()
+    assert f"- ranks: 1; compression time {layers:.1f} s (layers; no sensitivity pass)\n  - the compute time the job records" in markdown
+
+    def with_sensitivities(data):
+        data["stages"][0]["stats"] = {"kind": "fisher", "samples": 8, "shard_size": 2, "seconds": 560.3}
+        for unit in data["stages"][0]["units"].values():
+            unit["metrics"]["seconds"] = 148.3 / 14
+    edit_manifest(job, with_sensitivities)
+    times = compression_time(Manifest.load(job))
+    assert times == {"compression_seconds": 708.6, "sensitivities_seconds": 560.3, "layers_seconds": 148.3}
+    assert compression_time_line(times) == "compression time 708.6 s (sensitivities 560.3 s + layers 148.3 s)"
+    assert compression_time_line({"compression_seconds": 0.1}) == "compression time 0.1 s (sum over layers)"  # an old report
 
 
 def test_compressed_weights_are_applied_exactly(job, tiny_llama_dir):

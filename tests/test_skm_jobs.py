@@ -220,3 +220,22 @@ def test_a_jobs_sensitivities_serve_the_python_api(tmp_path, tiny_llama_dir):
     from llmpalette.jobs.runner import read_unit
     for name, weight in skm.compressed.items():
         assert weight == read_unit(Manifest.load(tmp_path / "job"), 0, name)
+
+
+def test_gradient_checkpointing_may_change_on_resume(tmp_path, tiny_llama_dir):
+    """It changes how the sensitivities are computed, not their bits: a job started without it resumes
+    with it (the out-of-memory fix), also a job whose stored recipe hash still counted it."""
+    path = write_recipe(tmp_path, tiny_llama_dir, samples=3)
+    without = Recipe.from_yaml(str(path))
+    path.write_text(path.read_text().replace("calibration_shard_size: 1", "calibration_shard_size: 1\n      gradient_checkpointing: true"))
+    with_it = Recipe.from_yaml(str(path))
+    assert with_it.stages[0].config.gradient_checkpointing and with_it.sha256 == without.sha256
+    job = tmp_path / "job"
+    run_job(without, job, progress=False, evaluate=False)
+    reference = layer_bytes(job)
+    manifest = Manifest.load(job)
+    manifest.data["recipe_sha256"] = "0" * 64  # as an earlier version hashed it
+    del manifest.data["stages"][0]["units"]["model.layers.1.mlp.up_proj"]
+    manifest.save()
+    summary = run_job(with_it, job, resume=True, progress=False, evaluate=False)
+    assert summary.computed == 1 and layer_bytes(job) == reference

@@ -34,6 +34,19 @@ class BlockInput:
     args: tuple
     kwargs: dict
 
+    def to(self, device: torch.device) -> "BlockInput":
+        """The same input with every tensor (also inside tuples) on `device`."""
+        return BlockInput(self.hidden.to(device), tuple(_moved(a, device) for a in self.args),
+                          {k: _moved(v, device) for k, v in self.kwargs.items()})
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(v.to(device) for v in value)
+    return value
+
 
 class _Captured(Exception):
     pass
@@ -140,10 +153,46 @@ def hessian_sums(
     direct = world.world_size == 1 and plan.shard_size == 1  # 0 + P = P: the same bits as a shard's sum
     hessians = InputHessians(layers, sums=totals if direct else None)
     sum_owners = {key: owner for name, owner in owners.items() for key in (name, name + TOKENS)}
-    with hessians:
-        accumulate_rounds(inputs, lambda index, x: run_block(block, x), hessians, totals, plan, world, sum_owners,
+    with hessians, _StopWhenAllRan(layers) as stop:
+        accumulate_rounds(inputs, lambda index, x: stop.run(block, x), hessians, totals, plan, world, sum_owners,
                           direct=direct, on_sample=on_sample)
     return totals
+
+
+class _AllRan(Exception):
+    pass
+
+
+class _StopWhenAllRan:
+    """Stops a block's forward once each of `layers` has received its input (what comes after them does
+    not change their Hessians). Entered after `InputHessians`, so its hooks run after the sums' hooks."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self.layers = dict(layers)
+        self.seen: set[str] = set()
+
+    def __enter__(self):
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def ran(module, args):
+            self.seen.add(name)
+            if len(self.seen) == len(self.layers):
+                raise _AllRan
+        return ran
+
+    def run(self, block: nn.Module, x: BlockInput) -> None:
+        self.seen.clear()
+        try:
+            with torch.no_grad():
+                block(x.hidden, *x.args, **x.kwargs)
+        except _AllRan:
+            return
 
 
 def mean_hessian(totals: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -1,6 +1,9 @@
-"""The job report: perplexity before/after on held-out windows, size before/after, per-layer error.
+"""The job report: perplexity before/after on held-out windows, size before/after, per-layer error, times.
 
 Reads a finished job (manifest + layer files) and the source model; never recompresses anything.
+Without the evaluation (`evaluate=False`, the CLI's --no-eval) it holds the compression figures only:
+sizes, per-layer errors and the compression time, all read from the manifest (the model is loaded
+for its parameter count, the whole-model sizes and its architecture).
 The job is verified (every stage done, every layer file intact) before the model is loaded, so a bad
 job fails in a second. The float model's perplexity is cached in the job (eval_cache.json), so a
 second report only evaluates the compressed model.
@@ -35,9 +38,11 @@ EVAL_CACHE_FORMAT = "llmpalette-eval-cache/1"
 DEGRADED_RATIO, COLLAPSED_RATIO = 1.5, 10.0
 NO_TOKENIZER = "no tokenizer: the model has none; pass --tokenizer (or `tokenizer:` in the recipe) to evaluate"
 NO_WINDOWS = "evaluate.windows is 0"
+NO_EVAL = "skipped with --no-eval"
 
 
-def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | None = None) -> dict[str, Any]:
+def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | None = None,
+                 evaluate: bool = True) -> dict[str, Any]:
     """Evaluate a finished job and write report.json / report.md / report.png into it.
 
     Args:
@@ -46,6 +51,8 @@ def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | 
         loaded: (model, tokenizer) of the job's float source model, if the caller has them already;
             the tokenizer may be None (then perplexity is not measured). When perplexity is measured,
             the model's compressed weights are overwritten by the job's decoded ones.
+        evaluate: measure perplexity (the float model's from the job's cache when it has it). False
+            writes the report from the compression figures only; `needs_evaluation` then says so.
 
     Raises JobError, before loading or evaluating anything, if a stage is unfinished or a layer file
     is missing or corrupt.
@@ -61,7 +68,7 @@ def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | 
     model, tokenizer = loaded or load_model(recipe["model"], dtype=DTYPES[recipe["dtype"]], tokenizer=job_tokenizer(job_dir, recipe))
     baseline_bytes = parameter_bytes(model, 2)
     parameters = parameter_bytes(model, 1)
-    evaluation = _evaluate(model, tokenizer, weights, manifest, progress)
+    evaluation = _evaluate(model, tokenizer, weights, manifest, progress, evaluate)
     layers = _layers(manifest)
     report = {
         "job_dir": str(job_dir),
@@ -74,7 +81,7 @@ def build_report(job_dir: str | Path, *, progress: bool = True, loaded: tuple | 
         "world_size": manifest.data["world_size"],
         "evaluation": evaluation,
         "size": _sizes(baseline_bytes, layers),
-        "compression_seconds": round(sum(layer["seconds"] for layer in layers), 2),
+        **compression_time(manifest),
         "layers": layers,
     }
     atomic_write_text(job_dir / REPORT_JSON, json.dumps(report, indent=1) + "\n")
@@ -93,12 +100,43 @@ def _stage(stage: dict[str, Any], recipe_stage: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def _evaluate(model: nn.Module, tokenizer, weights: Weights, manifest: Manifest, progress: bool) -> dict[str, Any]:
+def compression_time(manifest: Manifest) -> dict[str, float]:
+    """The compute seconds the job records, summed over its runs (model loading and evaluation are not in them).
+
+    sensitivities_seconds: the stages' Fisher passes (the only statistics a manifest records), wall time
+    on rank 0; layers_seconds: every compressed layer's own time, whichever rank did it (with several
+    ranks, more than the wall time they took); compression_seconds: the two together.
+    """
+    stages = manifest.data["stages"]
+    sensitivities = sum(stage["stats"]["seconds"] for stage in stages if stage.get("stats"))
+    layers = sum(unit["metrics"]["seconds"] for stage in stages for unit in stage["units"].values())
+    return {"compression_seconds": round(sensitivities + layers, 2), "sensitivities_seconds": round(sensitivities, 2),
+            "layers_seconds": round(layers, 2)}
+
+
+def compression_time_line(times: dict[str, Any]) -> str:
+    """`compression time 708.6 s (sensitivities 560.3 s + layers 148.3 s)`, from `compression_time`'s figures."""
+    if "layers_seconds" not in times:  # a report written before the times were split
+        return f"compression time {times['compression_seconds']:.1f} s (sum over layers)"
+    if not times["sensitivities_seconds"]:
+        return f"compression time {times['compression_seconds']:.1f} s (layers; no sensitivity pass)"
+    return (f"compression time {times['compression_seconds']:.1f} s (sensitivities {times['sensitivities_seconds']:.1f} s "
+            f"+ layers {times['layers_seconds']:.1f} s)")
+
+
+def needs_evaluation(report: dict[str, Any]) -> bool:
+    """Whether the report was written without its evaluation (--no-eval), which a later report can add."""
+    return report["evaluation"].get("reason") == NO_EVAL
+
+
+def _evaluate(model: nn.Module, tokenizer, weights: Weights, manifest: Manifest, progress: bool,
+              evaluate: bool) -> dict[str, Any]:
     """Perplexity of the float model (cached in the job), then of the model with the job's weights applied."""
     recipe = manifest.data["recipe"]
     spec = recipe["evaluate"]
     evaluation: dict[str, Any] = {"windows": spec["windows"], "seq_len": spec["seq_len"]}
-    reason = NO_WINDOWS if spec["windows"] == 0 else NO_TOKENIZER if tokenizer is None else None
+    reason = (NO_WINDOWS if spec["windows"] == 0 else NO_EVAL if not evaluate
+              else NO_TOKENIZER if tokenizer is None else None)
     if reason:
         return {**evaluation, "measured": False, "reason": reason, "verdict": None}
     text = build_windows(tokenizer, recipe["data"]["text"], seq_len=spec["seq_len"], calibration_samples=0, evaluation_windows=spec["windows"])
@@ -255,6 +293,7 @@ def _layers(manifest: Manifest) -> list[dict[str, Any]]:
             "granularity": config["granularity"],
             "group_size": config.get("group_size") or config.get("block_size"),  # a LUT's channels, or a grid's block
             "cluster_dim": config.get("cluster_dim") or 1,
+            **({"configured_dampening": config["hessian_dampening"]} if "hessian_dampening" in config else {}),
             **record["metrics"],
         })
     return rows
@@ -278,7 +317,9 @@ def format_report(report: dict[str, Any]) -> str:
             c = stage["calibration"]
             lines.append(f"  - {c['statistic']} sensitivities from {c['samples']} calibration samples "
                          f"(shards of {c['shard_size']}) in {c['seconds']} s (across runs, if the job was resumed)")
-    lines.append(f"- ranks: {report['world_size']}; compression time (sum over layers): {report['compression_seconds']} s")
+    lines.append(f"- ranks: {report['world_size']}; {compression_time_line(report)}")
+    lines.append("  - the compute time the job records, over all its runs: the sensitivity pass's wall time and the "
+                 "sum of every layer's own time (whichever rank did it); model loading and evaluation not included")
     lines += ["", "## Quality", ""]
     if "perplexity_after" in ev:
         text = ev["text"]
@@ -296,6 +337,8 @@ def format_report(report: dict[str, Any]) -> str:
         verdict = ev.get("verdict", quality_verdict(ev))
         if verdict:
             lines += ["", f"**{verdict}**"]
+    elif needs_evaluation(report):
+        lines.append(f"Perplexity: not measured ({NO_EVAL}; `llmpalette report {report['job_dir']}` measures it).")
     else:
         lines.append(f"Perplexity: not measured ({ev.get('reason', NO_WINDOWS)}).")
     lines += ["", "## Size", "", "| | float16 bytes | compressed bytes | ratio |", "|---|---|---|---|",
@@ -317,20 +360,34 @@ def format_report(report: dict[str, Any]) -> str:
             "",
         ]
     fisher = any("fisher_rel_sq_error" in layer for layer in report["layers"])
+    output = any("output_rel_error" in layer for layer in report["layers"])
     outliers = any(layer.get("outliers") for layer in report["layers"])
-    extra = (" Fisher-weighted rel. sq. error |" if fisher else "") + (" outliers |" if outliers else "")
+    extra = ((" Fisher-weighted rel. sq. error |" if fisher else "") + (" output rel. error |" if output else "")
+             + (" outliers |" if outliers else ""))
+    explained = ["Relative squared error: sum (W - W_hat)^2 / sum W^2."]
+    if fisher:
+        explained.append("Fisher-weighted: each term weighted by the weight's sensitivity, the error the loss sees.")
+    if output:
+        explained.append("Output relative error: ||(W - W_hat) X^T||^2 / ||W X^T||^2 on the calibration inputs, what GPTQ minimises.")
     lines += [
         "## Layers",
         "",
-        "Relative squared error: sum (W - W_hat)^2 / sum W^2; Fisher-weighted: each term weighted by the weight's "
-        "sensitivity, the error the loss sees." if fisher else "Relative squared error: sum (W - W_hat)^2 / sum W^2.",
+        " ".join(explained),
         "",
+    ]
+    notes = [f"- `{layer['name']}`: {layer['fallback']}" for layer in report["layers"] if "fallback" in layer]
+    notes += [f"- `{layer['name']}`: GPTQ raised the Hessian dampening to {layer['dampening']:g} (the Hessian was singular)"
+              for layer in report["layers"] if layer.get("dampening", 0) > layer.get("configured_dampening", float("inf"))]
+    if notes:
+        lines += ["Fallbacks:", "", *notes, ""]
+    lines += [
         f"| layer | shape | bits | granularity | group | rel. sq. error |{extra} bytes | float16 bytes |",
-        "|---|---|---|---|---|---|" + "---|" * (fisher + outliers) + "---|---|",
+        "|---|---|---|---|---|---|" + "---|" * (fisher + output + outliers) + "---|---|",
     ]
     for layer in report["layers"]:
         name = layer["name"] + (f" (= {', '.join(layer['tied_names'])})" if layer["tied_names"] else "")
         cells = (f" {layer.get('fisher_rel_sq_error', float('nan')):.3e} |" if fisher else "") + (
+            f" {layer.get('output_rel_error', float('nan')):.3e} |" if output else "") + (
             f" {layer.get('outliers', 0):,} |" if outliers else "")
         lines.append(
             f"| {name} | {'x'.join(map(str, layer['shape']))} | {layer['n_bits']} | {layer['granularity']} | "

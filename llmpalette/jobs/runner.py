@@ -11,8 +11,10 @@ deterministic).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,21 +24,22 @@ from tqdm.auto import tqdm
 from llmpalette import distributed
 from llmpalette.distributed import World
 from llmpalette.errors import ConfigError, JobError, LlmpaletteError, SourceError
-from llmpalette.jobs.files import atomic_replace_dir, atomic_write_file, atomic_write_text, remove_temporaries
+from llmpalette.jobs.files import atomic_replace_dir, atomic_write_text, remove_temporaries
+from llmpalette.jobs.lock import LOCK, JobLock
 from llmpalette.jobs.manifest import Manifest
-from llmpalette.layout.layer_file import LayerFile, layer_file_bytes, read_layer_file
-from llmpalette.layout.palettized import PalettizedWeight
-from llmpalette.modules import get_weight
+from llmpalette.modules import WeightUnit, get_weight
+from llmpalette.jobs.layerwise import layerwise_stage
 from llmpalette.jobs.statistics import FisherStats, fisher_stage
-from llmpalette.palettization.post_training import Plan, PlannedUnit, plan_units, relative_error
+from llmpalette.jobs.units import layer_path, read_unit, write_unit  # noqa: F401 (layer_path, read_unit: public here too)
+from llmpalette.palettization.post_training import Plan, PlannedUnit, relative_error
 from llmpalette.recipe import ALGORITHMS, DTYPES, Recipe
 from llmpalette.memory import return_freed_memory
-from llmpalette.sources.models import load_model, resolve_model
+from llmpalette.sources.lazy import WeightReader, empty_model
+from llmpalette.sources.models import load_model, load_tokenizer, resolve_model
 from llmpalette.sources.text import build_windows, check_calibration_text, check_text_source
 
 log = logging.getLogger("llmpalette")
 
-LAYERS = "layers"
 TOKENIZER_DIR = "tokenizer"
 # The manifest is rewritten at most this often while units finish (and always at a stage's end):
 # a unit whose file is complete but not yet recorded is simply redone on resume, byte-identically.
@@ -51,11 +54,7 @@ class RunSummary:
     kept: int           # intact units from an earlier run, not redone
     seconds: float
     redone: tuple[tuple[str, str], ...] = ()   # (unit, why) for units recorded earlier but redone now
-    loaded: tuple | None = field(default=None, repr=False, compare=False)  # (model, tokenizer or None), unmodified
-
-
-def layer_path(unit_name: str) -> str:
-    return f"{LAYERS}/{unit_name}.safetensors"
+    loaded: tuple | None = field(default=None, repr=False, compare=False)  # (model, tokenizer or None), unmodified; None when not kept
 
 
 def run_job(
@@ -72,7 +71,7 @@ def run_job(
 
     Args:
         recipe: the validated recipe.
-        job_dir: the job directory; created only once every check has passed.
+        job_dir: the job directory; created with its lock (`JOB/.lock`) and removed again if a check fails.
         resume: continue the job in `job_dir` (same compression settings, same model); without it an
             existing job is refused.
         world: this process's rank and world size (a world of one when None).
@@ -85,14 +84,31 @@ def run_job(
         summary = run_job(Recipe.from_yaml("recipes/smollm2-kmeans-4bit-g16.yaml"), "jobs/default")
     """
     world = world or World(0, 1, torch.device("cpu"))
-    return_freed_memory()
     job_dir = Path(job_dir)
+    lock = JobLock(job_dir)
+    _agreed(world, lock.acquire)  # rank 0 alone holds it, from before its first look at the folder to the job's end
+    try:
+        return _run_job(recipe, job_dir, resume, world, progress, loaded, evaluate)
+    finally:
+        lock.release()  # a no-op on the ranks that do not hold it
+
+
+def _run_job(recipe: Recipe, job_dir: Path, resume: bool, world: World, progress: bool, loaded: tuple | None,
+             evaluate: bool) -> RunSummary:
+    return_freed_memory()
     started = time.perf_counter()
     source = resolve_model(recipe.model)
     identity = _agreed(world, lambda: _check_job_dir(recipe, job_dir, source.identity(), resume))
     _agreed(world, lambda: _check_text(recipe, evaluate))
-    loaded = loaded or load_model(source, dtype=DTYPES[recipe.dtype], tokenizer=recipe.tokenizer)
-    model, tokenizer = loaded
+    given = loaded is not None
+    model, tokenizer, reader = _load(recipe, source, loaded)
+    loaded = loaded if given or reader is not None else (model, tokenizer)
+    if any(ALGORITHMS[stage.algorithm].layerwise for stage in recipe.stages):
+        # a layerwise stage runs the blocks on its compressed weights: never on the caller's model
+        model = copy.deepcopy(model) if given else model
+        loaded = loaded if given else (None, tokenizer)
+    if reader is not None:
+        loaded = (None, tokenizer)
     if recipe.needs_text and tokenizer is None:
         raise JobError(f"{recipe.source or 'the recipe'}: its stages read calibration text, but model '{recipe.model}' "
                        "has no tokenizer; pass --tokenizer (or `tokenizer:` in the recipe)")
@@ -109,17 +125,43 @@ def run_job(
         if world.is_main:
             manifest.set_stage_status(index, "running")
             manifest.save()
-        stats = None
-        if ALGORITHMS[stage.algorithm].statistic == "sensitivity" and _agreed(world, lambda: _units_to_do(manifest, index, plan)):
-            stats = fisher_stage(model, plan, index, stage, recipe.data, tokenizer, manifest, world, progress)
-        c, k, r = _run_stage(model, plan, index, recipe, manifest, world, progress, stats)
+        algorithm = ALGORITHMS[stage.algorithm]
+        if algorithm.layerwise:
+            c, k, r = layerwise_stage(model, plan, index, recipe, tokenizer, manifest, world, progress, reader)
+        else:
+            stats = None
+            if algorithm.statistic == "sensitivity" and _agreed(world, lambda: _units_to_do(manifest, index, plan)):
+                stats = fisher_stage(model, plan, index, stage, recipe.data, tokenizer, manifest, world, progress)
+            c, k, r = _run_stage(_weights(model, reader, recipe), plan, index, recipe, manifest, world, progress, stats)
         computed, kept, redone = computed + c, kept + k, redone + r
         if world.is_main:
             manifest.set_stage_status(index, "done")
             manifest.save()
     distributed.barrier()
     total = sum(len(plan) for plan in plans)
+    if loaded[0] is None:  # the model was compressed in place: the caller must load it again
+        loaded = None
     return RunSummary(job_dir, total, computed, kept, time.perf_counter() - started, tuple(redone), loaded)
+
+
+def _load(recipe: Recipe, source, loaded: tuple | None):
+    """(model, tokenizer, reader): the caller's model; or, when every stage takes one unit's or block's
+    weights at a time and the model's files allow it, a skeleton model (parameters on the meta device)
+    and a `WeightReader` of its files; else the whole model, loaded."""
+    if loaded is not None:
+        return *loaded, None
+    dtype = DTYPES[recipe.dtype]
+    why = None
+    if all(ALGORITHMS[stage.algorithm].lazy_weights for stage in recipe.stages):
+        try:
+            reader = WeightReader(source)
+            return empty_model(reader.config, dtype), load_tokenizer(source, recipe.tokenizer), reader
+        except SourceError as e:
+            why = e
+    loaded = load_model(source, dtype=dtype, tokenizer=recipe.tokenizer)  # its own error when the model cannot load
+    if why is not None:
+        log.info("loaded the whole model: its weights cannot be read one at a time (%s)", why)
+    return *loaded, None
 
 
 def _agreed(world: World, check):
@@ -139,11 +181,9 @@ def _agreed(world: World, check):
 
 def _check_job_dir(recipe: Recipe, job_dir: Path, identity: dict, resume: bool) -> dict:
     """Refuse what cannot run before anything is loaded; returns the model identity for the manifest."""
-    if job_dir.exists() and not job_dir.is_dir():
-        raise JobError(f"--job-dir {job_dir} is a file, not a folder")
     if not Manifest.exists(job_dir):
         # Only what a start killed before its first manifest leaves may be there (recipe.yaml, tokenizer/).
-        foreign = [p.name for p in job_dir.iterdir() if p.name not in ("recipe.yaml", TOKENIZER_DIR)
+        foreign = [p.name for p in job_dir.iterdir() if p.name not in ("recipe.yaml", TOKENIZER_DIR, LOCK)
                    and ".tmp-" not in p.name] if job_dir.is_dir() else []
         if foreign:
             raise JobError(f"--job-dir {job_dir} is a folder that holds other files ({', '.join(sorted(foreign)[:3])}"
@@ -152,9 +192,10 @@ def _check_job_dir(recipe: Recipe, job_dir: Path, identity: dict, resume: bool) 
     if not resume:
         raise JobError(f"{job_dir} already holds a job; pass --resume to continue it, or choose another --job-dir")
     manifest = Manifest.load(job_dir)
-    if manifest.data["recipe_sha256"] != recipe.sha256:
-        old = Recipe.from_dict(manifest.data["recipe"])
-        changes = "; ".join(recipe.differences(old)) or "the recipe"
+    old = Recipe.from_dict(manifest.data["recipe"])
+    changes = recipe.differences(old)  # empty for an old job whose stored hash still counted a runtime field
+    if manifest.data["recipe_sha256"] != recipe.sha256 and changes:
+        changes = "; ".join(changes)
         raise JobError(
             f"cannot resume {job_dir}: the recipe compresses differently from the job's ({changes}); "
             "results of two recipes are never mixed: use a new --job-dir, or resume with the job's recipe.yaml"
@@ -200,7 +241,7 @@ def _check_text_length(recipe: Recipe, tokenizer, evaluate: bool) -> None:
 
 def _plan(model, config, index: int, recipe: Recipe) -> Plan:
     try:
-        return plan_units(model, config)
+        return ALGORITHMS[recipe.stages[index].algorithm].plan(model, config)
     except ConfigError as e:
         raise ConfigError(f"stages[{index}].config.{e.field}" if e.field else f"stages[{index}].config", e.message, recipe.source) from None
 
@@ -234,7 +275,14 @@ def _describe(identity: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in identity.items() if k in ("kind", "spec", "file", "id", "location"))
 
 
-def _run_stage(model, plan: list[PlannedUnit], index: int, recipe: Recipe, manifest: Manifest, world: World,
+def _weights(model, reader: WeightReader | None, recipe: Recipe) -> Callable[[WeightUnit], torch.Tensor]:
+    """A unit's weight: read from the model's files (a skeleton model), or the loaded model's parameter."""
+    if reader is None:
+        return lambda unit: get_weight(model, unit)
+    return lambda unit: reader.read(f"{unit.name}.{unit.param}", DTYPES[recipe.dtype])
+
+
+def _run_stage(weights: Callable[[WeightUnit], torch.Tensor], plan: list[PlannedUnit], index: int, recipe: Recipe, manifest: Manifest, world: World,
                progress: bool, stats: FisherStats | None) -> tuple[int, int, list[tuple[str, str]]]:
     bar = tqdm(total=len(plan), desc=f"stage {index} {recipe.stages[index].algorithm}", unit="layer",
                disable=not (progress and world.is_main))
@@ -243,7 +291,7 @@ def _run_stage(model, plan: list[PlannedUnit], index: int, recipe: Recipe, manif
     last_save = time.monotonic()
     for first in range(0, len(plan), world.world_size):
         mine = first + world.rank
-        result = _do_unit(model, plan[mine], index, recipe, manifest, stats) if mine < len(plan) else None
+        result = _do_unit(weights, plan[mine], index, recipe, manifest, stats) if mine < len(plan) else None
         results = distributed.all_gather(result)
         for r in results:
             if r is None:
@@ -267,7 +315,7 @@ def _run_stage(model, plan: list[PlannedUnit], index: int, recipe: Recipe, manif
     return computed, kept, redone
 
 
-def _do_unit(model, planned: PlannedUnit, index: int, recipe: Recipe, manifest: Manifest,
+def _do_unit(weights: Callable[[WeightUnit], torch.Tensor], planned: PlannedUnit, index: int, recipe: Recipe, manifest: Manifest,
              stats: FisherStats | None) -> tuple[str, dict | None, str | None]:
     """Compress one unit unless it is intact on disk.
 
@@ -279,42 +327,15 @@ def _do_unit(model, planned: PlannedUnit, index: int, recipe: Recipe, manifest: 
         return unit.name, None, None
     why = None if problem == "not done" else problem
     started = time.perf_counter()
-    weight = get_weight(model, unit)
+    weight = weights(unit)
     algorithm = ALGORITHMS[recipe.stages[index].algorithm]
     statistics = {} if stats is None else {"sensitivity": stats.sensitivity(unit.name)}
-    palettized = algorithm.compress_unit(weight, planned.config, seed=recipe.seed, **statistics)
-    decoded = palettized.decode()
+    compressed = algorithm.compress_unit(weight, planned.config, seed=recipe.seed, **statistics)
+    decoded = compressed.decode()
     metrics = {"rel_sq_error": relative_error(weight, decoded)}
     if stats is not None:
         metrics["fisher_rel_sq_error"] = relative_error(weight, decoded, statistics["sensitivity"])
-    if palettized.n_outliers:
-        metrics["outliers"] = palettized.n_outliers
-    rel = layer_path(unit.name)
-    layer = LayerFile(module=unit.name, param=unit.param, aliases=unit.aliases, weight=palettized)
-    file_record = atomic_write_file(manifest.job_dir / rel, layer_file_bytes(layer))
-    record = {
-        "status": "done",
-        "param": unit.param,
-        "names": list(unit.names),
-        "module_type": unit.module_type,
-        "shape": list(unit.shape),
-        "config": planned.config.as_dict(),
-        "files": {rel: file_record},
-        "metrics": {
-            **metrics,
-            "nbytes": palettized.nbytes,
-            "fp16_bytes": weight.numel() * 2,
-            "seconds": round(time.perf_counter() - started, 4),
-        },
-    }
+    if compressed.n_outliers:
+        metrics["outliers"] = compressed.n_outliers
+    record = write_unit(manifest.job_dir, planned, compressed, metrics, seconds=time.perf_counter() - started)
     return unit.name, record, why
-
-
-def read_unit(manifest: Manifest, index: int, name: str) -> PalettizedWeight:
-    """A finished unit's compressed weight, after checking its files against the manifest."""
-    problem = manifest.unit_problem(index, name)
-    if problem:
-        raise JobError(f"job {manifest.job_dir}: unit '{name}': {problem}; run `llmpalette compress RECIPE --job-dir "
-                       f"{manifest.job_dir} --resume` to redo it")
-    (rel,) = manifest.units(index)[name]["files"]
-    return read_layer_file(manifest.job_dir / rel).weight

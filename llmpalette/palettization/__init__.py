@@ -1,4 +1,5 @@
 """Palettization APIs named after Core ML Tools' `coremltools.optimize.torch.palettization`."""
+from llmpalette.palettization.gptq_lut import ModuleLUTGPTQConfig, gptq_palettize_weight
 from llmpalette.palettization.post_training import (
     ModulePostTrainingPalettizerConfig,
     PostTrainingPalettizer,
@@ -14,6 +15,8 @@ from llmpalette.palettization.sensitive_k_means import (
 )
 
 __all__ = [
+    "ModuleLUTGPTQConfig",
+    "gptq_palettize_weight",
     "ModulePostTrainingPalettizerConfig",
     "ModuleSKMPalettizerConfig",
     "PostTrainingPalettizer",

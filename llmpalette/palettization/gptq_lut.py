@@ -18,10 +18,41 @@ from dataclasses import dataclass
 
 import torch
 
+from llmpalette.errors import ConfigError
 from llmpalette.layout.palettized import PalettizedWeight
 from llmpalette.maths.gptq import gptq, output_error
 from llmpalette.maths.lut_gptq import NearestLUTEntry, refit_luts
 from llmpalette.palettization.post_training import ModulePostTrainingPalettizerConfig, palettize_weight
+
+
+@dataclass
+class ModuleLUTGPTQConfig(ModulePostTrainingPalettizerConfig):
+    """LUT-GPTQ for one Linear module (`algorithm: lut_gptq` in a `LayerwiseCompressorConfig`): the LUT
+    fields of `ModulePostTrainingPalettizerConfig` (scalar float LUTs along the output channels) plus
+    GPTQ's `hessian_dampening`, `use_activation_order_heuristic` and `processing_group_size` (as in
+    `ModuleGPTQConfig`) and `lut_iterations`, the GANQ refits of the LUTs to the indices GPTQ chose."""
+
+    hessian_dampening: float = 0.01
+    use_activation_order_heuristic: bool = False
+    processing_group_size: int = 128
+    lut_iterations: int = 2
+    algorithm: str = "lut_gptq"
+
+    def validate(self) -> None:
+        super().validate()
+        for name, ok, why in [
+            ("cluster_dim", self.vector_size == 1, "LUT-GPTQ fits scalar LUTs: cluster_dim must be 1 (or absent)"),
+            ("channel_axis", self.channel_axis == 0, "LUT-GPTQ shares LUTs along the output channels: channel_axis must be 0"),
+            ("enable_per_channel_scale", not self.enable_per_channel_scale, "is not supported by LUT-GPTQ"),
+            ("lut_dtype", self.lut_dtype == "float32", "LUT-GPTQ writes float32 LUTs"),
+            ("enforce_zero", not self.enforce_zero, "is not kept by LUT-GPTQ's LUT refits; use algorithm kmeans for it"),
+            ("hessian_dampening", 0 <= self.hessian_dampening < 1, f"must be a number in [0, 1), got {self.hessian_dampening!r}"),
+            ("processing_group_size", self.processing_group_size >= 1, f"must be a positive integer, got {self.processing_group_size!r}"),
+            ("lut_iterations", self.lut_iterations >= 0, f"must be >= 0, got {self.lut_iterations!r}"),
+            ("algorithm", self.algorithm == "lut_gptq", f"must be 'lut_gptq', got {self.algorithm!r}"),
+        ]:
+            if not ok:
+                raise ConfigError(name, why)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -376,11 +376,14 @@ def kmeans_threads(workers: int | None) -> Iterator[None]:
         torch.set_num_threads(before_torch)
 
 
-def plan_units(model: nn.Module, config: OptimizationConfig) -> Plan:
+def plan_units(model: nn.Module, config: OptimizationConfig,
+               outside: Callable[[WeightUnit], str | None] | None = None) -> Plan:
     """Resolve the config for every weight unit of `model`; tied names must agree. Raises ConfigError.
 
     Returns the units to compress; `plan.skipped` lists every module with a weight that is left alone
     and why (config None, weight_threshold, or a type palettization does not support).
+    outside(unit): why an algorithm cannot take this unit at all (e.g. not a Linear of a decoder block
+    for GPTQ), or None; such units are skipped with that reason before their config is checked.
     """
     config.check_model(model)
     planned, skipped = [], []
@@ -389,6 +392,10 @@ def plan_units(model: nn.Module, config: OptimizationConfig) -> Plan:
         if isinstance(weight, torch.Tensor) and not isinstance(module, SUPPORTED_MODULES):
             skipped.append(SkippedModule((name,), type(module).__name__, UNSUPPORTED_TYPE))
     for unit in weight_units(model):
+        reason = outside(unit) if outside is not None else None
+        if reason is not None:
+            skipped.append(SkippedModule(unit.names, unit.module_type, reason))
+            continue
         resolved = {name: config.resolve(name, model.get_submodule(name)) for name in unit.names}
         configs = {name: chosen for name, (chosen, _) in resolved.items()}
         distinct = {freeze_config(c) for c in configs.values()}

@@ -1,4 +1,6 @@
 """Quantization APIs named after Core ML Tools' `coremltools.optimize.torch.quantization`."""
+from llmpalette.quantization.gptq import ModuleGPTQConfig, gptq_quantize_weight
+from llmpalette.quantization.layerwise_compressor import LayerwiseCompressor, LayerwiseCompressorConfig
 from llmpalette.quantization.post_training import (
     ModulePostTrainingQuantizerConfig,
     PostTrainingQuantizer,
@@ -8,6 +10,10 @@ from llmpalette.quantization.post_training import (
 )
 
 __all__ = [
+    "LayerwiseCompressor",
+    "LayerwiseCompressorConfig",
+    "ModuleGPTQConfig",
+    "gptq_quantize_weight",
     "ModulePostTrainingQuantizerConfig",
     "PostTrainingQuantizer",
     "PostTrainingQuantizerConfig",

@@ -31,6 +31,7 @@ class ModuleGPTQConfig(ModulePostTrainingQuantizerConfig):
     `processing_group_size` (columns updated lazily together) and `enable_normal_float` (not offered:
     refused)."""
 
+    weight_dtype: str = "uint8"  # Core ML Tools' GPTQ default (its RTN's is int8)
     hessian_dampening: float = 0.01
     use_activation_order_heuristic: bool = False
     processing_group_size: int = 128

@@ -18,7 +18,8 @@ Only one block's activations and Hessians are in memory. Orchestration only: the
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,8 @@ def compress_layerwise(
     start_block: int = 0,
     on_block: Callable[[BlockResult], None] | None = None,
     on_sample: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
+    hold: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> list[BlockResult]:
     """Compress the selected Linear layers of `blocks` (name, module), in order; returns this rank's results.
 
@@ -90,41 +93,74 @@ def compress_layerwise(
     compress_layer(name, module, H): (compressed form, decoded weight) with H = XᵀX / tokens of its input.
     start_block: blocks before it are already compressed (resume): their current weights produce the
         inputs of this one.
+    device: where each block runs (moved there for its turn, then back) and the activations live;
+        None: where the model is.
+    hold(b): a context in which block b's weights are in memory (b = -1: the model's weights outside the
+        blocks, for catching the first block's inputs), for a model whose weights are read lazily;
+        blocks before `start_block` must hold their compressed weights in it.
     """
+    hold = hold or (lambda b: contextlib.nullcontext())
     names = {id(m): n for n, m in model.named_modules()}
     mine = list(samples)
-    inputs = capture_block_inputs(model, blocks[0][1], mine, forward)
+    with hold(-1):
+        inputs = capture_block_inputs(model, blocks[0][1], mine, forward)
+    if device is not None:
+        inputs = [(i, x.to(device)) for i, x in inputs]
     for b in range(start_block):
-        inputs = [(i, run_block(blocks[b][1], x)) for i, x in inputs]
+        with hold(b), on_device(blocks[b][1], device):
+            inputs = [(i, run_block(blocks[b][1], x)) for i, x in inputs]
     results = []
     for b in range(start_block, len(blocks)):
         block_name, block = blocks[b]
-        layers = {names[id(m)]: m for m in block.modules() if isinstance(m, nn.Linear) and select(names[id(m)], m)}
-        compressed: dict[str, object] = {}
-        if layers:
-            probe = inputs[0][1] if inputs else None
-            groups = distributed.broadcast(input_groups(block, layers, probe) if world.is_main else None)
-            if not true_sequential:
-                groups = [[n for g in groups for n in g]]
-            for group in groups:
-                group_layers = {n: layers[n] for n in group}
-                owners = distributed.owners_by_size({n: m.weight.shape[1] ** 2 for n, m in group_layers.items()}, world.world_size)
-                sums = hessian_sums(block, group_layers, inputs, plan, world, owners=owners, on_sample=on_sample)
-                for name, owner in owners.items():
-                    module = group_layers[name]
-                    decoded = None
-                    if owner == world.rank:
-                        compressed[name], decoded = compress_layer(name, module, mean_hessian(sums, name))
-                        decoded = decoded.to(torch.float32).contiguous()
-                    if world.world_size > 1:
-                        decoded = distributed.broadcast_tensor(decoded, module.weight, owner)
-                    with torch.no_grad():
-                        module.weight.copy_(decoded.to(module.weight.dtype))
-                del sums
-        result = BlockResult(b, block_name, compressed)
-        results.append(result)
-        if on_block is not None:
-            on_block(result)
-        if b + 1 < len(blocks):
-            inputs = [(i, run_block(block, x)) for i, x in inputs]
+        with hold(b), on_device(block, device):
+            result = _compress_block(b, block_name, block, names, inputs, plan, world, select, compress_layer,
+                                     true_sequential, on_sample)
+            results.append(result)
+            if on_block is not None:
+                on_block(result)
+            if b + 1 < len(blocks):
+                inputs = [(i, run_block(block, x)) for i, x in inputs]
     return results
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """Move `module` to `device` for the duration (nothing when None or already there)."""
+    home = next(module.parameters(), torch.empty(0)).device
+    if device is None or device == home:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
+def _compress_block(b: int, block_name: str, block: nn.Module, names: dict[int, str], inputs: list, plan: ShardPlan,
+                    world: World, select, compress_layer: CompressLayer, true_sequential: bool, on_sample) -> BlockResult:
+    """Compress one block's selected layers group by group; every rank ends with the decoded weights."""
+    layers = {names[id(m)]: m for m in block.modules() if isinstance(m, nn.Linear) and select(names[id(m)], m)}
+    compressed: dict[str, object] = {}
+    if not layers:
+        return BlockResult(b, block_name, compressed)
+    probe = inputs[0][1] if inputs else None
+    groups = distributed.broadcast(input_groups(block, layers, probe) if world.is_main else None)
+    if not true_sequential:
+        groups = [[n for g in groups for n in g]]
+    for group in groups:
+        group_layers = {n: layers[n] for n in group}
+        owners = distributed.owners_by_size({n: m.weight.shape[1] ** 2 for n, m in group_layers.items()}, world.world_size)
+        sums = hessian_sums(block, group_layers, inputs, plan, world, owners=owners, on_sample=on_sample)
+        for name, owner in owners.items():
+            module = group_layers[name]
+            decoded = None
+            if owner == world.rank:
+                compressed[name], decoded = compress_layer(name, module, mean_hessian(sums, name))
+                decoded = decoded.to(device=module.weight.device, dtype=torch.float32).contiguous()
+            if world.world_size > 1:
+                decoded = distributed.broadcast_tensor(decoded, module.weight, owner)
+            with torch.no_grad():
+                module.weight.copy_(decoded.to(module.weight.dtype))
+        del sums
+    return BlockResult(b, block_name, compressed)
