@@ -431,3 +431,16 @@ def test_mac_smoke_script_drives_the_package(llama_4bit, tiny_llama_dir, monkeyp
     out = capsys.readouterr().out
     assert "prefill: 16 tokens" in out and "2 call(s) of 8" in out and "decode: 4 tokens" in out
     assert "max |logit difference| 0 over 20 tokens" in out
+
+
+@pytest.mark.parametrize("global_config, op", [
+    ({"algorithm": "gptq", "weight_dtype": "int3", "granularity": "per_block", "block_size": 16}, "constexpr_blockwise_shift_scale"),
+    ({"algorithm": "lut_gptq", "n_bits": 3, "granularity": "per_grouped_channel", "group_size": 8}, "constexpr_lut_to_dense"),
+], ids=["gptq-int3-block16", "lut-gptq-3bit-g8"])
+def test_gptq_jobs_export_exactly_and_compactly(tmp_path, tiny_llama_dir, global_config, op):
+    """GPTQ's scales are float16 values, so its weights are Core ML's own blockwise_shift_scale with no note;
+    LUT-GPTQ writes the palettized kind, exported as any k-means job."""
+    job = make_job(tmp_path, tiny_llama_dir, global_config, None, algorithm="gptq", extra={"calibration_nsamples": 2})
+    result = exported(job, tmp_path / "gptq.mlpackage")
+    assert result.compressed == 14 and not result.notes
+    assert op_types(result.package).count(op) == 14

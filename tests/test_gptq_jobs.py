@@ -151,6 +151,7 @@ def test_layers_choose_the_blocks_and_the_rest_is_left_alone(tmp_path, tiny_llam
 
 def test_a_hessian_no_dampening_can_fix_falls_back_to_rounding():
     from llmpalette.quantization import ModuleGPTQConfig, rtn_quantize_weight
+    from llmpalette.quantization.gptq import float16_exact
     from llmpalette.quantization.layerwise_compressor import compress_linear
 
     torch.manual_seed(0)
@@ -158,7 +159,9 @@ def test_a_hessian_no_dampening_can_fix_falls_back_to_rounding():
     config = ModuleGPTQConfig.from_dict({"weight_dtype": "int4"})
     result = compress_linear(weight, torch.full((32, 32), float("nan")), config)  # e.g. activations that overflowed
     assert "identity Hessian" in result.metrics["fallback"]
-    assert torch.equal(result.weight.decode(), rtn_quantize_weight(weight, config).decode())
+    scale = float16_exact(rtn_quantize_weight(weight, config).scale)  # RTN's grid, float16 scales (as every GPTQ)
+    nearest = torch.clamp(torch.round(weight / scale), -7, 7) * scale  # int4 symmetric: [-7, 7]
+    assert torch.equal(result.weight.decode(), nearest)
 
 
 def test_the_callers_model_is_not_modified_and_the_summary_does_not_keep_a_compressed_one(tmp_path, tiny_llama_dir):

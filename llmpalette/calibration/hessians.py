@@ -107,14 +107,22 @@ class InputHessians(HookedSums):
         self.layers = dict(layers)
         self.sums = sums if sums is not None else zero_sums(self.layers)
         self._handles: list = []
+        self._last: tuple = (None, None, 0)  # (input tensor, its XᵀX, its token count)
 
     def _hook(self, name: str):
         def add(module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            self.sums[name].add_(torch.mm(x.t(), x))
-            self.sums[name + TOKENS].add_(x.shape[0])
+            x = args[0]
+            if x is not self._last[0]:  # layers that read the same tensor (q/k/v, gate/up) share one product
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                self._last = (x, torch.mm(flat.t(), flat), flat.shape[0])
+            _, product, tokens = self._last
+            self.sums[name].add_(product)
+            self.sums[name + TOKENS].add_(tokens)
         return add
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._last = (None, None, 0)
 
     def _register(self) -> list:
         return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]

@@ -2,8 +2,8 @@
 `gptq_quantize_weight`, which returns the same linear-quantized kind of the format as RTN, so a GPTQ
 layer is stored, decoded, reported and exported exactly like an RTN one.
 
-The grid is RTN's (`maths.uniform`, Core ML Tools' `PostTrainingQuantizer` maths) and GPTQ chooses the
-integers (`maths.gptq`). Per-channel grids are set from the original weight; per-block grids from the
+The grid is RTN's (`maths.uniform`, Core ML Tools' `PostTrainingQuantizer` maths) with each scale rounded
+to a float16 value (`float16_exact`), and GPTQ chooses the integers (`maths.gptq`). Per-channel grids are set from the original weight; per-block grids from the
 error-corrected weights when their block starts (GPTQ's groups), or, with
 `use_activation_order_heuristic`, from the original weight beforehand (static groups, so the columns
 may be visited in any order and the result is still one scale per block). Core ML Tools' own GPTQ uses a
@@ -59,6 +59,16 @@ class GPTQInfo:
     dead_columns: int
 
 
+def float16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """Scales rounded to the nearest float16 value (kept > 0), in float32. Core ML stores scales in float16
+    and dequantizes in float16: with float16 scales its weights are the job's decoded weights bit for bit,
+    as `constexpr_blockwise_shift_scale` (an RTN job's float32 scales, bit-exact with Core ML Tools' RTN,
+    need a per-block LUT in the export when they are not float16 values). GPTQ then fits the integers to
+    these scales, so the rounding costs nothing it could not correct."""
+    tiny = torch.finfo(torch.float16).tiny
+    return scale.to(torch.float16).to(torch.float32).clamp(min=tiny)
+
+
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: ModuleGPTQConfig) -> tuple[QuantizedWeight, GPTQInfo]:
     """GPTQ of a Linear weight [out, in] with H = XᵀX / tokens [in, in] onto the config's uniform grid."""
     w = weight.detach().to(torch.float32)
@@ -68,6 +78,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Mo
     n_bits, signed, scheme = config.weight_n_bits, config.signed, config.quantization_scheme
     qmin, qmax = quant_range(n_bits, signed, scheme)
     scale, zero_point = uniform_grid(w, block_sizes, n_bits, signed, scheme)
+    scale = float16_exact(scale)
     integers = torch.zeros(w.shape, dtype=torch.int32)
     per_block = block_sizes[1] < w.shape[1]
     act_order = config.use_activation_order_heuristic
@@ -81,7 +92,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Mo
     def refit(columns: torch.Tensor, j0: int) -> None:
         block = j0 // block_sizes[1]
         s, zp = uniform_grid(columns, (block_sizes[0], columns.shape[1]), n_bits, signed, scheme)
-        scale[:, block] = s[:, 0]
+        scale[:, block] = float16_exact(s[:, 0])
         if zero_point is not None:
             zero_point[:, block] = zp[:, 0]
 
