@@ -169,7 +169,7 @@ class Recipe:
             "tokenizer": self.tokenizer,
             "dtype": self.dtype,
             "seed": self.seed,
-            "data": dataclasses.asdict(self.data),
+            "data": {k: v for k, v in dataclasses.asdict(self.data).items() if k != "samples"},  # always 0: not shown
             "stages": [s.as_dict() for s in self.stages],
             "evaluate": dataclasses.asdict(self.evaluate),
         }

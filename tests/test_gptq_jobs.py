@@ -172,3 +172,13 @@ def test_the_callers_model_is_not_modified_and_the_summary_does_not_keep_a_compr
     assert summary.loaded[0] is model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert run_job(recipe, tmp_path / "own", progress=False, evaluate=False).loaded is None  # read lazily: nothing to reuse
     assert layer_bytes(tmp_path / "given") == layer_bytes(tmp_path / "own")
+
+
+def test_a_window_longer_than_the_text_blames_the_data_not_the_count_and_the_job_recipe_hides_samples(tmp_path, tiny_llama_dir):
+    path = write_recipe(tmp_path, tiny_llama_dir, INT4, samples=4, seq_len=10**7)
+    with pytest.raises(ConfigError) as error:
+        run_job(Recipe.from_yaml(str(path)), tmp_path / "job", progress=False, evaluate=False)
+    assert error.value.field == "data" and "too short" in str(error.value)
+    run_job(Recipe.from_yaml(str(write_recipe(tmp_path, tiny_llama_dir, INT4, samples=1))), tmp_path / "ok",
+            progress=False, evaluate=False)
+    assert "samples: 0" not in (tmp_path / "ok" / "recipe.yaml").read_text()

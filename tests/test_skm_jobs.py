@@ -160,7 +160,7 @@ def test_too_little_calibration_text_is_refused_before_the_job_starts(tmp_path, 
     text = tmp_path / "short.txt"
     text.write_text("A short text.\n\nIt has two paragraphs.\n")
     recipe = Recipe.from_yaml(str(write_recipe(tmp_path, tiny_llama_dir, samples=4))).with_overrides(text=str(text))
-    with pytest.raises(ConfigError, match=r"skm.yaml: stages\[0\].config.calibration_nsamples: text .* is too short "
+    with pytest.raises(ConfigError, match=r"skm.yaml: data: text .* is too short "
                                           "for 4 calibration windows of 64 tokens"):
         run_job(recipe, tmp_path / "job", progress=False, evaluate=False)
     assert not (tmp_path / "job").exists()

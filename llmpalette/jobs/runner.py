@@ -170,12 +170,14 @@ def _agreed(world: World, check):
     if world.is_main:
         try:
             result = check()
+        except ConfigError as e:
+            problem = (ConfigError, (e.field, e.message, e.source))
         except LlmpaletteError as e:
-            problem = (type(e), str(e))
+            problem = (type(e), (str(e),))
     problem, result = distributed.broadcast((problem, result))
     if problem:
-        kind, message = problem
-        raise ConfigError("", message) if kind is ConfigError else kind(message)
+        kind, args = problem
+        raise kind(*args)
     return result
 
 
@@ -230,13 +232,24 @@ def _check_text_length(recipe: Recipe, tokenizer, evaluate: bool) -> None:
                 check_calibration_text(tokenizer, recipe.data.text, seq_len=recipe.data.seq_len,
                                        count=stage.config.calibration_nsamples)
             except SourceError as e:
-                raise ConfigError(f"stages[{index}].config.calibration_nsamples", str(e), recipe.source) from None
+                field = f"stages[{index}].config.calibration_nsamples"
+                if stage.config.calibration_nsamples > 1 and not _one_window(tokenizer, recipe):
+                    field = "data"  # not even one window: the text or seq_len is what is wrong, not the count
+                raise ConfigError(field, str(e), recipe.source) from None
     if evaluate and recipe.evaluate.windows > 0:
         try:
             build_windows(tokenizer, recipe.data.text, seq_len=recipe.evaluate.seq_len, calibration_samples=0,
                           evaluation_windows=recipe.evaluate.windows)
         except SourceError as e:
             raise ConfigError("evaluate.windows", str(e), recipe.source) from None
+
+
+def _one_window(tokenizer, recipe: Recipe) -> bool:
+    try:
+        check_calibration_text(tokenizer, recipe.data.text, seq_len=recipe.data.seq_len, count=1)
+    except SourceError:
+        return False
+    return True
 
 
 def _plan(model, config, index: int, recipe: Recipe) -> Plan:
