@@ -182,3 +182,16 @@ def test_a_window_longer_than_the_text_blames_the_data_not_the_count_and_the_job
     run_job(Recipe.from_yaml(str(write_recipe(tmp_path, tiny_llama_dir, INT4, samples=1))), tmp_path / "ok",
             progress=False, evaluate=False)
     assert "samples: 0" not in (tmp_path / "ok" / "recipe.yaml").read_text()
+
+
+def test_the_api_takes_batches_and_fewer_samples_than_asked_with_a_warning(tiny_llama_dir, caplog):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    windows = torch.stack([w for _, w in calibration_windows(tokenizer, "default", seq_len=32, count=3)])
+    config = LayerwiseCompressorConfig.from_dict({"global_config": INT4, "calibration_nsamples": 8})
+    with caplog.at_level("WARNING", logger="llmpalette"):
+        batched = LayerwiseCompressor(model, config).compress([windows[:2], windows[2:]])
+    assert "gave 3 samples, fewer than calibration_nsamples=8" in caplog.text
+    config3 = LayerwiseCompressorConfig.from_dict({"global_config": INT4, "calibration_nsamples": 3})
+    one_by_one = LayerwiseCompressor(model, config3).compress(list(windows))
+    assert all(torch.equal(a, b) for a, b in zip(batched.state_dict().values(), one_by_one.state_dict().values()))
+    assert not torch.equal(batched.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)

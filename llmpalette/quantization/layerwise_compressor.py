@@ -12,6 +12,7 @@ planning and layer maths, and checkpoints each block.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -205,8 +206,9 @@ def model_forward(model: nn.Module, sample: object) -> object:
     return model(input_ids=sample, use_cache=False)
 
 
-def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int) -> list[tuple[int, object]]:
-    """The first `plan.count` single samples of `samples` (batches are split), numbered; only `rank`'s."""
+def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int) -> tuple[int, list[tuple[int, object]]]:
+    """(how many, `rank`'s numbered samples) of the first `plan.count` single samples of `samples` (batches
+    are split). Fewer than `plan.count` is allowed, with a warning (as SKMPalettizer does)."""
     mine, count = [], 0
     for batch in samples:
         for sample in split_batch(batch):
@@ -214,10 +216,11 @@ def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int) -> list[t
                 mine.append((count, sample))
             count += 1
             if count == plan.count:
-                return mine
+                return count, mine
     if count == 0:
         raise ConfigError("dataloader", "yielded no samples")
-    raise ConfigError("dataloader", f"gave {count} samples, fewer than calibration_nsamples={plan.count}")
+    log.warning("the dataloader gave %d samples, fewer than calibration_nsamples=%d", count, plan.count)
+    return count, mine
 
 
 class LayerwiseCompressor:
@@ -259,7 +262,8 @@ class LayerwiseCompressor:
         plan.log_skipped()
         configs = {p.unit.name: p.config for p in plan}
         shards = ShardPlan(self._config.calibration_nsamples, self._config.calibration_shard_size, world.world_size)
-        samples = own_samples(dataloader, shards, world.rank)
+        count, samples = own_samples(dataloader, shards, world.rank)
+        shards = dataclasses.replace(shards, count=count)
 
         def compress_layer(name: str, module: nn.Linear, hessian: torch.Tensor):
             result = compress_linear(module.weight, hessian, configs[name], seed=self._seed)
