@@ -103,7 +103,8 @@ def layerwise_stage(model, plan, index: int, recipe, tokenizer, manifest: Manife
 
     compress_layerwise(model, blocks, samples, shards, world, select=lambda name, m: name in configs,
                        compress_layer=compress_layer, forward=model_forward, true_sequential=config.true_sequential,
-                       start_block=start, on_block=on_block, hold=hold)
+                       start_block=start, on_block=on_block, hold=hold,
+                       device=world.device if world.device.type != "cpu" else None)  # NCCL: blocks on the rank's GPU
     bar.close()
     if world.is_main:
         for name, why in redone:

@@ -165,8 +165,8 @@ def compress_linear(weight: torch.Tensor, hessian: torch.Tensor, config: ModuleO
     dampening makes positive definite (a layer that saw only zeros) falls back to the identity, i.e.
     round-to-nearest, with `fallback` saying why.
     """
-    w = weight.detach().to(torch.float32)
-    h = hessian.to(torch.float32)
+    w = weight.detach().to("cpu", torch.float32)  # the per-layer maths runs on the CPU (its k-means is numba);
+    h = hessian.to("cpu", torch.float32)          # the block forwards and Hessians run on the block's device
     try:
         return _compress_linear(w, h, config, seed)
     except SingularHessian as e:  # the documented fallback: H = I, i.e. round-to-nearest (LUTs: plain k-means)
