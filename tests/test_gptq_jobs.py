@@ -65,9 +65,14 @@ def test_a_gptq_job_writes_what_the_layerwise_compressor_computes(tmp_path, tiny
     assert " output rel. error |" in format_report(report) and "Fallbacks" not in format_report(report)
 
 
-def test_two_ranks_write_the_one_rank_bytes(tmp_path, tiny_llama_dir):
-    recipe = write_recipe(tmp_path, tiny_llama_dir, samples=5, shard=2)
+def test_two_ranks_write_the_one_rank_bytes_whatever_the_thread_count(tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"  # wide enough for torch to split its matmuls across threads
+    tiny_llama(seed=3, hidden=256, layers=2).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    recipe = write_recipe(tmp_path, model_dir, samples=5, shard=2)
+    monkeypatch.setitem(ENV, "OMP_NUM_THREADS", "2")  # the 1-process job with 2 threads; torchrun gives each rank 1
     compress(recipe, tmp_path / "one")
+    monkeypatch.setitem(ENV, "OMP_NUM_THREADS", "1")
     compress(recipe, tmp_path / "two", ranks=2)
     assert layer_bytes(tmp_path / "two") == layer_bytes(tmp_path / "one") and len(layer_bytes(tmp_path / "one")) == 14
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["world_size"] == 2

@@ -99,7 +99,27 @@ def compress_layerwise(
         blocks, for catching the first block's inputs), for a model whose weights are read lazily;
         blocks before `start_block` must hold their compressed weights in it.
     """
-    hold = hold or (lambda b: contextlib.nullcontext())
+    with one_thread():
+        return _compress_layerwise(model, blocks, samples, plan, world, select, compress_layer, forward, true_sequential,
+                                   start_block, on_block, on_sample, device, hold or (lambda b: contextlib.nullcontext()))
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one CPU thread for the duration. A float matmul's bits depend on how many threads split its
+    sums (measured: GPTQ's layer files differ between 2 threads and 1), so the layerwise pass always uses
+    one: the same bytes for any machine's core count, any `OMP_NUM_THREADS` and any number of ranks (a
+    launcher gives each rank one thread). It also avoids oversubscribed threads on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compress_layerwise(model, blocks, samples, plan, world, select, compress_layer, forward, true_sequential,
+                        start_block, on_block, on_sample, device, hold) -> list[BlockResult]:
     names = {id(m): n for n, m in model.named_modules()}
     mine = list(samples)
     with hold(-1):
