@@ -219,8 +219,8 @@ def test_quality_verdict_thresholds(after, verdict):
 def test_quality_verdict_text_and_not_measured():
     assert quality_verdict({"perplexity_before": 25.08, "perplexity_after": 23750.0}) == (
         "quality collapsed: perplexity 25.08 -> 23,750 (947x the float model); the compressed model is not usable. "
-        "Try more bits (4 or 8), a smaller group_size, or a calibration-based algorithm (Sensitive K-Means, "
-        "algorithm: skm, when available)")
+        "Try more bits (4 or 8), smaller groups (group_size / block_size), or a calibration-based algorithm "
+        "(algorithm: skm for LUTs, algorithm: gptq for LUTs or integers)")
     assert quality_verdict({"windows": 0, "seq_len": 8, "measured": False, "reason": "evaluate.windows is 0"}) is None
 
 

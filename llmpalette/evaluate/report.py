@@ -225,11 +225,12 @@ def quality_verdict(evaluation: dict[str, Any]) -> str | None:
     change = f"perplexity {_figure(before)} -> {_figure(after)}"
     if ratio >= COLLAPSED_RATIO:
         return (f"quality collapsed: {change} ({_figure(ratio)}x the float model); the compressed model is not usable. "
-                "Try more bits (4 or 8), a smaller group_size, or a calibration-based algorithm "
-                "(Sensitive K-Means, algorithm: skm, when available)")
+                "Try more bits (4 or 8), smaller groups (group_size / block_size), or a calibration-based algorithm "
+                "(algorithm: skm for LUTs, algorithm: gptq for LUTs or integers)")
     if ratio >= DEGRADED_RATIO:
         return (f"quality degraded noticeably: {change} ({ratio:.3g}x the float model); consider more bits, "
-                "a smaller group_size, or a calibration-based algorithm (Sensitive K-Means, algorithm: skm, when available)")
+                "smaller groups (group_size / block_size), or a calibration-based algorithm (algorithm: skm for LUTs, "
+                "algorithm: gptq for LUTs or integers)")
     return None
 
 

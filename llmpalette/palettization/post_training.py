@@ -284,6 +284,9 @@ class SkippedModule:
     reason: str
 
 
+MANY_SKIPPED = 8  # more modules left alone for one reason than this: one log line with their count
+
+
 class Plan(list):
     """The units to compress, in model order (a list of PlannedUnit), and `skipped`: what is left alone."""
 
@@ -292,11 +295,19 @@ class Plan(list):
         self.skipped = skipped
 
     def log_skipped(self) -> None:
-        """One log line per supported module left alone, one per unsupported type (with a count)."""
+        """One log line per supported module left alone (one line with a count for a reason shared by more
+        than MANY_SKIPPED modules, e.g. the blocks outside a GPTQ `layers`), one per unsupported type."""
+        by_reason: dict[str, list[SkippedModule]] = {}
         for s in self.skipped:
-            if s.reason == UNSUPPORTED_TYPE:
+            if s.reason != UNSUPPORTED_TYPE:
+                by_reason.setdefault(s.reason, []).append(s)
+        for reason, modules in by_reason.items():
+            if len(modules) > MANY_SKIPPED:
+                names = ", ".join(" = ".join(s.names) for s in modules[:2])
+                log.info("left alone: %d modules (%s, ...): %s", len(modules), names, reason)
                 continue
-            log.info("left alone: %s (%s): %s", " = ".join(s.names), s.module_type, s.reason)
+            for s in modules:
+                log.info("left alone: %s (%s): %s", " = ".join(s.names), s.module_type, s.reason)
         by_type = Counter(s.module_type for s in self.skipped if s.reason == UNSUPPORTED_TYPE)
         for module_type, count in by_type.items():
             log.info("left alone: %d %s module(s): type not supported by palettization", count, module_type)
