@@ -239,3 +239,18 @@ def test_gradient_checkpointing_may_change_on_resume(tmp_path, tiny_llama_dir):
     manifest.save()
     summary = run_job(with_it, job, resume=True, progress=False, evaluate=False)
     assert summary.computed == 1 and layer_bytes(job) == reference
+
+
+def test_two_ranks_equal_a_two_thread_single_process(tmp_path, monkeypatch):
+    """The bytes do not depend on torch's thread count (a launcher gives each rank one thread): a model wide
+    enough for torch to split its matmuls across threads."""
+    model_dir = tmp_path / "model"
+    tiny_llama(seed=3, hidden=256, layers=2).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    recipe = write_recipe(tmp_path, model_dir, samples=4, shard=2)
+    monkeypatch.setitem(ENV, "OMP_NUM_THREADS", "2")
+    compress(recipe, tmp_path / "one")
+    monkeypatch.setitem(ENV, "OMP_NUM_THREADS", "1")
+    compress(recipe, tmp_path / "two", ranks=2)
+    assert stats_bytes(tmp_path / "two") == stats_bytes(tmp_path / "one")
+    assert layer_bytes(tmp_path / "two") == layer_bytes(tmp_path / "one")
