@@ -3,10 +3,8 @@ calibration windows; 2 gloo ranks write the 1-rank bytes; kill -9 between blocks
 the same bytes; a damaged layer file redoes its block and the ones after; LUT-GPTQ writes the palettized
 kind; bad settings fail before any work, naming the field."""
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from llmpalette.sources.models import load_model
 from llmpalette.sources.text import calibration_windows
 from tests.conftest import REPO, byte_tokenizer, tiny_llama
 from tests.test_jobs import layer_bytes
-from tests.test_skm_jobs import ENV, compress
+from tests.test_skm_jobs import ENV, compress, kill_when
 
 INT4 = {"algorithm": "gptq", "weight_dtype": "int4", "granularity": "per_channel", "use_activation_order_heuristic": True}
 INT3_BLOCK = {"algorithm": "gptq", "weight_dtype": "int3", "granularity": "per_block", "block_size": 16}
@@ -87,19 +85,7 @@ def test_sigkill_between_blocks_then_resume_is_byte_identical(tmp_path):
 
     job = tmp_path / "job"
     cmd = [sys.executable, "-m", "llmpalette", "compress", str(recipe), "--job-dir", str(job), "--no-eval"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done, deadline = 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = len(json.loads((job / "manifest.json").read_text())["stages"][0]["units"])
-        except (FileNotFoundError, json.JSONDecodeError, IndexError, KeyError):
-            done = 0
-        if done >= 7:  # the first block is recorded
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; make it slower"
+    done = kill_when(cmd, job, lambda stage: len(stage["units"]), 7)  # 7: the first block is recorded
     assert 7 <= done < 42
     resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -56,6 +56,25 @@ def compress(recipe: Path, job: Path, *extra: str, ranks: int = 1, check=True) -
     return result
 
 
+def kill_when(cmd: list[str], job: Path, progress, at: int) -> int:
+    """Start `cmd` (a compress of `job`), SIGKILL it once `progress(stage 0 of the manifest) >= at`;
+    returns the progress it was killed at. Fails if the job finished first."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done, deadline = 0, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = progress(json.loads((job / "manifest.json").read_text())["stages"][0])
+        except (FileNotFoundError, json.JSONDecodeError, IndexError, KeyError, TypeError):
+            done = 0
+        if done >= at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; make it slower"
+    return done
+
+
 def test_two_ranks_equal_one_rank_sensitivities_and_layers(tmp_path, tiny_llama_dir):
     recipe = write_recipe(tmp_path, tiny_llama_dir, samples=5, shard=1)
     compress(recipe, tmp_path / "one")
@@ -99,19 +118,7 @@ def test_sigkill_during_sensitivities_then_resume_is_byte_identical(tmp_path):
 
     job = tmp_path / "job"
     cmd = [sys.executable, "-m", "llmpalette", "compress", str(recipe), "--job-dir", str(job), "--no-eval"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done, deadline = 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = json.loads((job / "manifest.json").read_text())["stages"][0]["stats"]["shards_done"]
-        except (FileNotFoundError, json.JSONDecodeError, IndexError, KeyError, TypeError):
-            done = 0
-        if done >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; make it slower"
+    done = kill_when(cmd, job, lambda stage: stage["stats"]["shards_done"], 2)
     assert 2 <= done < 24
     assert not (job / "layers").exists() or not any((job / "layers").iterdir())
     resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
