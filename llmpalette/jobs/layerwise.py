@@ -54,6 +54,7 @@ def layerwise_stage(model, plan, index: int, recipe, tokenizer, manifest: Manife
         log.info("stage %d: resuming at block %d of %d (%s)", index, start, len(blocks), blocks[start][0])
 
     configs = {p.unit.name: p for p in plan}
+    order = {name: i for i, name in enumerate(configs)}  # records in model order, whichever rank wrote them
     shards = ShardPlan(config.calibration_nsamples, config.calibration_shard_size, world.world_size)
     samples = calibration_windows(tokenizer, recipe.data.text, seq_len=recipe.data.seq_len, count=shards.count,
                                   wanted=lambda i: shards.rank_of_sample(i) == world.rank)
@@ -73,7 +74,7 @@ def layerwise_stage(model, plan, index: int, recipe, tokenizer, manifest: Manife
         for name, (layer, seconds) in result.compressed.items():
             records[name] = write_unit(manifest.job_dir, configs[name], layer.weight, layer.metrics, seconds=seconds)
         gathered = {name: record for part in distributed.all_gather(records) for name, record in part.items()}
-        for name in sorted(gathered, key=lambda n: list(configs).index(n)):
+        for name in sorted(gathered, key=order.__getitem__):
             computed += 1
             problem = problems[name]
             if problem not in (None, "not done"):

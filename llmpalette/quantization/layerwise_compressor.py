@@ -175,23 +175,20 @@ def compress_linear(weight: torch.Tensor, hessian: torch.Tensor, config: ModuleO
 
 
 def _compress_linear(w: torch.Tensor, h: torch.Tensor, config: ModuleOptimizationConfig, seed: int) -> LayerResult:
+    energy = output_error(w, torch.zeros_like(w), h)  # ‖WXᵀ‖², what the errors are relative to
+    energy = energy if energy > 0 else 1.0
     if isinstance(config, ModuleLUTGPTQConfig):
         compressed, info = gptq_palettize_weight(
             w, h, config, iterations=config.lut_iterations, dampening=config.hessian_dampening,
             act_order=config.use_activation_order_heuristic, processing_group_size=config.processing_group_size, seed=seed)
-        extra = {"kmeans_output_rel_error": info.kmeans_error / _output_energy(w, h), "dampening": info.dampening}
+        extra = {"kmeans_output_rel_error": info.kmeans_error / energy, "dampening": info.dampening}
     else:
         compressed, info = gptq_quantize_weight(w, h, config)
         extra = {"dampening": info.dampening, "dead_columns": info.dead_columns}
     decoded = compressed.decode().to(torch.float32)
     metrics = {"rel_sq_error": relative_error(w, decoded),
-               "output_rel_error": output_error(w, decoded, h) / _output_energy(w, h), **extra}
+               "output_rel_error": output_error(w, decoded, h) / energy, **extra}
     return LayerResult(compressed, metrics)
-
-
-def _output_energy(w: torch.Tensor, h: torch.Tensor) -> float:
-    energy = float(torch.einsum("ij,jk,ik->", w.double(), h.double(), w.double()))
-    return energy if energy > 0 else 1.0
 
 
 def model_forward(model: nn.Module, sample: object) -> object:
