@@ -3,7 +3,7 @@ count, streamed one decoder block at a time and summed the same way for any numb
 
 GPTQ quantizes a model block by block (Frantar et al.; Core ML Tools' LayerwiseCompressor): the
 calibration samples' inputs to the first block are captured once (`capture_block_inputs`), each block
-is run on them with forward hooks on its linear layers (`InputHessians`), its layers are quantized, and
+is run on them with forward hooks on its linear layers (`SampleProducts`), its layers are quantized, and
 the block's outputs under the quantized weights (`run_block`) are the next block's inputs. Only the
 current block's activations and Hessians are in memory.
 
@@ -13,14 +13,17 @@ bits. This module knows no algorithm and writes no file.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from llmpalette.calibration.sums import HookedSums, ShardPlan, accumulate_rounds
+from llmpalette.calibration.sums import ShardPlan, accumulate_rounds
 from llmpalette.distributed import World
+from llmpalette.threads import ordered_map
 
 TOKENS = ".tokens"  # the token count travels with each Hessian as a float64 scalar under NAME + TOKENS
 
@@ -99,33 +102,68 @@ def run_block(block: nn.Module, inputs: BlockInput) -> BlockInput:
     return BlockInput(hidden, inputs.args, inputs.kwargs)
 
 
-class InputHessians(HookedSums):
-    """`with InputHessians(layers) as hs:` each forward of a named layer adds XᵀX of its input (float32,
-    rows = all tokens of the call) into `hs.sums[name]` and the token count into `hs.sums[name + TOKENS]`."""
+class SampleProducts:
+    """`with SampleProducts(block, layers) as sp:` `sp.run(x)` runs one sample through `block` until each
+    named layer has received its input (what comes after them does not change their Hessians) and
+    returns each layer's XᵀX of that input (float32, rows = all tokens of the call) with its token count,
+    in the order the layers ran. Layers that read the same tensor (q/k/v, gate/up) share one product.
+    Safe to call from several threads at once (each call keeps its own state)."""
 
-    def __init__(self, layers: Mapping[str, nn.Module], sums: dict[str, torch.Tensor] | None = None):
+    def __init__(self, block: nn.Module, layers: Mapping[str, nn.Module]):
+        self.block = block
         self.layers = dict(layers)
-        self.sums = sums if sums is not None else zero_sums(self.layers)
+        self._local = threading.local()
         self._handles: list = []
-        self._last: tuple = (None, None, 0)  # (input tensor, its XᵀX, its token count)
 
-    def _hook(self, name: str):
-        def add(module, args):
-            x = args[0]
-            if x is not self._last[0]:  # layers that read the same tensor (q/k/v, gate/up) share one product
-                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                self._last = (x, torch.mm(flat.t(), flat), flat.shape[0])
-            _, product, tokens = self._last
-            self.sums[name].add_(product)
-            self.sums[name + TOKENS].add_(tokens)
-        return add
+    def __enter__(self) -> "SampleProducts":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
 
     def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        self._last = (None, None, 0)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
-    def _register(self) -> list:
-        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+    def _hook(self, name: str):
+        def seen(module, args):
+            state = self._local.state
+            x = args[0]
+            if x is not state["input"]:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                state["input"], state["product"] = x, (torch.mm(flat.t(), flat), flat.shape[0])
+            state["products"].append((name, *state["product"]))
+            state["seen"].add(name)
+            if len(state["seen"]) == len(self.layers):
+                raise _AllRan
+        return seen
+
+    def run(self, x: BlockInput) -> list[tuple[str, torch.Tensor, int]]:
+        state = {"input": None, "product": None, "products": [], "seen": set()}
+        self._local.state = state
+        try:
+            with torch.no_grad():
+                self.block(x.hidden, *x.args, **x.kwargs)
+        except _AllRan:
+            pass
+        finally:
+            self._local.state = None
+        return state["products"]
+
+
+class _ProductSums:
+    """The Accumulator `accumulate_rounds` adds into: each sample's products, added in sample order."""
+
+    def __init__(self, sums: dict[str, torch.Tensor]):
+        self.sums = sums
+
+    def add(self, products: list[tuple[str, torch.Tensor, int]]) -> None:
+        for name, product, tokens in products:
+            self.sums[name].add_(product)
+            self.sums[name + TOKENS].add_(tokens)
+
+    def reset(self) -> None:
+        for t in self.sums.values():
+            t.zero_()
 
 
 def zero_sums(layers: Mapping[str, nn.Module], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -149,58 +187,42 @@ def hessian_sums(
     *,
     owners: Mapping[str, int],
     on_sample: Callable[[int], None] | None = None,
+    workers: int = 1,
+    per_sample: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Σ XᵀX of each named layer of `block` over samples 0..plan.count-1, and its token count (NAME +
     TOKENS); returns the sums of the names this rank owns (`owners`: layer name -> rank).
 
     inputs: (index, BlockInput) of at least this rank's samples, in ascending order. Every rank calls
-    this together.
+    this together. workers: threads that run this rank's samples through the block (`threads.ordered_map`;
+    the products are added in sample order, so the bits do not depend on it). per_sample(index): a
+    context each sample runs in (the caller's replay of finished submodules).
     """
     mine = [n for n, r in owners.items() if r == world.rank]
     totals = zero_sums(layers, mine)
     direct = world.world_size == 1 and plan.shard_size == 1  # 0 + P = P: the same bits as a shard's sum
-    hessians = InputHessians(layers, sums=totals if direct else None)
+    accumulator = _ProductSums(totals if direct else zero_sums(layers))
     sum_owners = {key: owner for name, owner in owners.items() for key in (name, name + TOKENS)}
-    with hessians, _StopWhenAllRan(layers) as stop:
-        accumulate_rounds(inputs, lambda index, x: stop.run(block, x), hessians, totals, plan, world, sum_owners,
-                          direct=direct, on_sample=on_sample)
+    own = [(i, x) for i, x in inputs if plan.rank_of_sample(i) == world.rank]
+    with SampleProducts(block, layers) as products:
+        def one(item):
+            with per_sample(item[0]) if per_sample is not None else contextlib.nullcontext():
+                return item[0], products.run(item[1])
+
+        computed = ordered_map(one, own, workers)
+
+        def run(index: int, x: BlockInput) -> None:
+            done, sample_products = next(computed)
+            if done != index:
+                raise ValueError(f"sample {index} was expected, sample {done} came")
+            accumulator.add(sample_products)
+
+        accumulate_rounds(own, run, accumulator, totals, plan, world, sum_owners, direct=direct, on_sample=on_sample)
     return totals
 
 
 class _AllRan(Exception):
     pass
-
-
-class _StopWhenAllRan:
-    """Stops a block's forward once each of `layers` has received its input (what comes after them does
-    not change their Hessians). Entered after `InputHessians`, so its hooks run after the sums' hooks."""
-
-    def __init__(self, layers: Mapping[str, nn.Module]):
-        self.layers = dict(layers)
-        self.seen: set[str] = set()
-
-    def __enter__(self):
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _hook(self, name: str):
-        def ran(module, args):
-            self.seen.add(name)
-            if len(self.seen) == len(self.layers):
-                raise _AllRan
-        return ran
-
-    def run(self, block: nn.Module, x: BlockInput) -> None:
-        self.seen.clear()
-        try:
-            with torch.no_grad():
-                block(x.hidden, *x.args, **x.kwargs)
-        except _AllRan:
-            return
 
 
 def mean_hessian(totals: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ end the same bytes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -66,7 +67,7 @@ def layerwise_stage(model, plan, index: int, recipe, tokenizer, manifest: Manife
     def compress_layer(name, module, hessian):
         started = time.perf_counter()
         result = compress_linear(module.weight, hessian, configs[name].config, seed=recipe.seed)
-        return (result, time.perf_counter() - started), result.weight.decode()
+        return (dataclasses.replace(result, decoded=None), time.perf_counter() - started), result.decoded
 
     def on_block(result: BlockResult) -> None:
         nonlocal computed

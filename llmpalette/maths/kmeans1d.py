@@ -22,6 +22,7 @@ expression, `E[s] - d1*d1 / d0`, so they pick the same splits.
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -37,6 +38,9 @@ BACKENDS = ("auto", "numba", "torch")
 # 48 s instead of 10 s for the 4-bit default model at load 3). numba's own work queue avoids it.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+# The work queue takes one parallel region at a time (numba aborts the process when two Python threads
+# enter one together): callers on several threads take turns.
+_PARALLEL_REGION = threading.Lock()
 
 # A window at least this long is scanned by the vectorised two-pass search.
 _LONG_WINDOW = 48
@@ -119,7 +123,8 @@ def _kmeans_numba(values: torch.Tensor, k: int, weights: torch.Tensor | None) ->
         w_np = weights.detach().cpu().to(torch.float64).numpy()
         sorted_w = np.take_along_axis(w_np, order, axis=1)
     n_chunks = max(1, min(x_np.shape[0], numba.get_num_threads()))
-    centroids, labels = _batch_kmeans(x_np, sorted_x, sorted_w, k, n_chunks)
+    with _PARALLEL_REGION:
+        centroids, labels = _batch_kmeans(x_np, sorted_x, sorted_w, k, n_chunks)
     return torch.from_numpy(centroids).to(values.device), torch.from_numpy(labels).to(values.device)
 
 

@@ -18,7 +18,8 @@ import torch
 
 class NearestLUTEntry:
     """quantize(column, j) for `gptq`: the nearest entry of each row's LUT (first on ties); the indices
-    chosen are kept in `indices` [rows, columns] (original column order)."""
+    chosen are kept in `indices` [rows, columns] (original column order). `columns` runs a segment of a
+    lazy batch compiled (CPU)."""
 
     def __init__(self, luts: torch.Tensor, group_size: int, columns: int):
         if luts.dim() != 2:
@@ -32,28 +33,37 @@ class NearestLUTEntry:
         self.indices[:, j] = index
         return self.row_luts.gather(1, index.unsqueeze(1)).squeeze(1)
 
+    def columns(self, wt, u1, errt, qt, start: int, stop: int, original: torch.Tensor) -> None:
+        """A segment of GPTQ's lazy batch, transposed ([B, rows]), at once (`gptq_kernels.lut_columns`, CPU)."""
+        from llmpalette.maths.gptq_kernels import lut_columns
+
+        chosen = torch.empty((stop - start, wt.shape[1]), dtype=torch.long)
+        lut_columns(wt.numpy(), u1.numpy(), errt.numpy(), qt.numpy(), start, stop, self.row_luts.numpy(), chosen.numpy())
+        self.indices[:, original] = chosen.t()
+
 
 def refit_luts(weight: torch.Tensor, indices: torch.Tensor, hessian: torch.Tensor, luts: torch.Tensor,
                group_size: int) -> torch.Tensor:
     """The LUTs [groups, K] that minimise the output error for fixed `indices` [rows, columns] (see the
-    module docstring); `luts` supplies the entries no weight uses. float32 out, solved in float64."""
-    w = weight.to(torch.float64)
-    h = hessian.to(torch.float64)
+    module docstring); `luts` supplies the entries no weight uses. float32 out. S_rᵀ H S_r for the rows of a
+    group are gathered by a compiled kernel (`gptq_kernels.lut_normal_matrices`, float32 rows summed in
+    float64); the K×K systems are solved in float64."""
     groups, entries = luts.shape
-    rows, columns = w.shape
-    if rows != groups * group_size or indices.shape != w.shape or h.shape != (columns, columns):
-        raise ValueError(f"shapes do not fit: weight {tuple(w.shape)}, indices {tuple(indices.shape)}, "
-                         f"hessian {tuple(h.shape)}, luts {tuple(luts.shape)} with group_size {group_size}")
-    hw = w @ h  # [rows, columns]: row r is (H w_r)ᵀ
-    out = luts.to(torch.float64).clone()
+    rows, columns = weight.shape
+    if rows != groups * group_size or indices.shape != weight.shape or hessian.shape != (columns, columns):
+        raise ValueError(f"shapes do not fit: weight {tuple(weight.shape)}, indices {tuple(indices.shape)}, "
+                         f"hessian {tuple(hessian.shape)}, luts {tuple(luts.shape)} with group_size {group_size}")
+    from llmpalette.maths.gptq_kernels import lut_normal_matrices
+
+    h32 = hessian.detach().to("cpu", torch.float32).contiguous()
+    hw = (weight.detach().to("cpu", torch.float32) @ h32).to(torch.float64)  # row r is (H w_r)ᵀ
+    idx = indices.to("cpu", torch.int64).contiguous()
+    normal = torch.from_numpy(lut_normal_matrices(h32.numpy(), idx.numpy(), group_size, entries))  # [groups, K, K]
+    out = luts.detach().to("cpu", torch.float64).clone()
     for g in range(groups):
-        a = torch.zeros((entries, entries), dtype=torch.float64)
-        b = torch.zeros(entries, dtype=torch.float64)
-        for r in range(g * group_size, (g + 1) * group_size):
-            idx = indices[r]
-            hs = torch.zeros((columns, entries), dtype=torch.float64).index_add_(1, idx, h)  # H S_r
-            a.index_add_(0, idx, hs)  # S_rᵀ H S_r
-            b.index_add_(0, idx, hw[r])  # S_rᵀ H w_r
+        a = normal[g]
+        rows_g = slice(g * group_size, (g + 1) * group_size)
+        b = torch.zeros(entries, dtype=torch.float64).index_add_(0, idx[rows_g].reshape(-1), hw[rows_g].reshape(-1))
         used = torch.diagonal(a) > 0
         if not used.any():
             continue

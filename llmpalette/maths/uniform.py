@@ -184,3 +184,49 @@ def quantize_column(
     q = quantize_to_grid(column, scale, zero_point, qmin, qmax)
     return q, dequantize(q, scale, zero_point)
 
+
+
+class UniformColumns:
+    """GPTQ's column quantizer onto a 2-D weight's uniform grids (`maths.gptq.gptq`'s `quantize`): each
+    row's scale and zero point per block of columns, `[rows, blocks]` float32 (a block of
+    `block_sizes[0]` rows shares one value, repeated here), set by `set_block` (GPTQ's groups refit them)
+    and read per column; the integers chosen are kept in `integers` [rows, columns] int32.
+
+    Called per column (`quantize_column`, on any device), or per segment of a lazy batch (`columns`, the
+    compiled `gptq_kernels.uniform_columns`, CPU): the same float32 operations, the same values up to
+    float rounding."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor | None, block_sizes: tuple[int, int],
+                 qmin: int, qmax: int, columns: int):
+        self.rows_per_block, self.columns_per_block = block_sizes
+        self.row_scale = scale.to(torch.float32).repeat_interleave(self.rows_per_block, 0)
+        self.row_zero = torch.zeros_like(self.row_scale) if zero_point is None else \
+            zero_point.to(torch.float32).repeat_interleave(self.rows_per_block, 0)
+        self.signed_symmetric = zero_point is None
+        self.qmin, self.qmax = qmin, qmax
+        self.integers = torch.zeros((self.row_scale.shape[0], columns), dtype=torch.int32, device=scale.device)
+
+    def set_block(self, block: int, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Block column `block`'s scale (and zero point), one value per block of rows."""
+        self.row_scale[:, block] = scale.to(torch.float32).repeat_interleave(self.rows_per_block)
+        if zero_point is not None:
+            self.row_zero[:, block] = zero_point.to(torch.float32).repeat_interleave(self.rows_per_block)
+
+    def __call__(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        block = j // self.columns_per_block
+        zero = None if self.signed_symmetric else self.row_zero[:, block]
+        q, values = quantize_column(column, self.row_scale[:, block], zero, self.qmin, self.qmax)
+        self.integers[:, j] = q
+        return values
+
+    def columns(self, wt, u1, errt, qt, start: int, stop: int, original: torch.Tensor) -> None:
+        """A segment of GPTQ's lazy batch, transposed ([B, rows]), at once (`gptq_kernels.uniform_columns`)."""
+        from llmpalette.maths.gptq_kernels import uniform_columns
+
+        blocks = original // self.columns_per_block
+        scales = self.row_scale[:, blocks].t().contiguous()
+        zeros = self.row_zero[:, blocks].t().contiguous()
+        ints = torch.empty(scales.shape, dtype=torch.int32)
+        uniform_columns(wt.numpy(), u1.numpy(), errt.numpy(), qt.numpy(), start, stop, scales.numpy(), zeros.numpy(),
+                        ints.numpy(), self.qmin, self.qmax)
+        self.integers[:, original] = ints.t()

@@ -19,7 +19,7 @@ import torch
 from llmpalette.errors import ConfigError
 from llmpalette.layout.quantized import QuantizedWeight
 from llmpalette.maths.gptq import gptq
-from llmpalette.maths.uniform import column_params, quant_range, quantize_column, uniform_grid
+from llmpalette.maths.uniform import UniformColumns, quant_range, uniform_grid
 from llmpalette.quantization.post_training import ModulePostTrainingQuantizerConfig
 
 
@@ -79,15 +79,9 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Mo
     qmin, qmax = quant_range(n_bits, signed, scheme)
     scale, zero_point = uniform_grid(w, block_sizes, n_bits, signed, scheme)
     scale = float16_exact(scale)
-    integers = torch.zeros(w.shape, dtype=torch.int32)
     per_block = block_sizes[1] < w.shape[1]
     act_order = config.use_activation_order_heuristic
-
-    def quantize(column: torch.Tensor, j: int) -> torch.Tensor:
-        s, zp = column_params(scale, zero_point, block_sizes, j)
-        q, values = quantize_column(column, s, zp, qmin, qmax)
-        integers[:, j] = q
-        return values
+    quantize = UniformColumns(scale, zero_point, block_sizes, qmin, qmax, w.shape[1])
 
     def refit(columns: torch.Tensor, j0: int) -> None:
         block = j0 // block_sizes[1]
@@ -95,10 +89,11 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Mo
         scale[:, block] = float16_exact(s[:, 0])
         if zero_point is not None:
             zero_point[:, block] = zp[:, 0]
+        quantize.set_block(block, scale[:, block], None if zero_point is None else zero_point[:, block])
 
     result = gptq(w, hessian, quantize, dampening=config.hessian_dampening, act_order=act_order,
                   processing_group_size=config.processing_group_size,
                   block_size=block_sizes[1] if per_block and not act_order else None,
                   refit=refit if per_block and not act_order else None)
-    quantized = QuantizedWeight.from_integers(integers, scale, zero_point, n_bits=n_bits, signed=signed, block_sizes=block_sizes)
+    quantized = QuantizedWeight.from_integers(quantize.integers, scale, zero_point, n_bits=n_bits, signed=signed, block_sizes=block_sizes)
     return quantized, GPTQInfo(result.loss, result.dampening, result.dead_columns)

@@ -150,10 +150,12 @@ def layerwise_plan(model: nn.Module, config: LayerwiseCompressorConfig) -> Plan:
 
 @dataclass(frozen=True)
 class LayerResult:
-    """One layer's result: its compressed weight (QuantizedWeight or PalettizedWeight) and its metrics."""
+    """One layer's result: its compressed weight (QuantizedWeight or PalettizedWeight), its metrics and
+    the weight it decodes to (float32; not stored in a job's files)."""
 
     weight: Any
     metrics: dict[str, float]
+    decoded: torch.Tensor | None = None
 
 
 def compress_linear(weight: torch.Tensor, hessian: torch.Tensor, config: ModuleOptimizationConfig, *, seed: int = 0) -> LayerResult:
@@ -171,7 +173,8 @@ def compress_linear(weight: torch.Tensor, hessian: torch.Tensor, config: ModuleO
         return _compress_linear(w, h, config, seed)
     except SingularHessian as e:  # the documented fallback: H = I, i.e. round-to-nearest (LUTs: plain k-means)
         result = _compress_linear(w, torch.eye(w.shape[1]), config, seed)
-        return LayerResult(result.weight, {**result.metrics, "fallback": f"identity Hessian (round to nearest): {e}"})
+        return LayerResult(result.weight, {**result.metrics, "fallback": f"identity Hessian (round to nearest): {e}"},
+                           result.decoded)
 
 
 def _compress_linear(w: torch.Tensor, h: torch.Tensor, config: ModuleOptimizationConfig, seed: int) -> LayerResult:
@@ -188,7 +191,7 @@ def _compress_linear(w: torch.Tensor, h: torch.Tensor, config: ModuleOptimizatio
     decoded = compressed.decode().to(torch.float32)
     metrics = {"rel_sq_error": relative_error(w, decoded),
                "output_rel_error": output_error(w, decoded, h) / energy, **extra}
-    return LayerResult(compressed, metrics)
+    return LayerResult(compressed, metrics, decoded)
 
 
 def model_forward(model: nn.Module, sample: object) -> object:
@@ -264,7 +267,7 @@ class LayerwiseCompressor:
 
         def compress_layer(name: str, module: nn.Linear, hessian: torch.Tensor):
             result = compress_linear(module.weight, hessian, configs[name], seed=self._seed)
-            return result, result.weight.decode()
+            return dataclasses.replace(result, decoded=None), result.decoded  # results travel between ranks: no copies
 
         with torch.no_grad():
             results = compress_layerwise(model, blocks, samples, shards, world, select=lambda name, m: name in configs,
