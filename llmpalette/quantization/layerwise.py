@@ -30,6 +30,7 @@ from llmpalette import distributed
 from llmpalette.calibration.hessians import BlockInput, capture_block_inputs, hessian_sums, mean_hessian, run_block
 from llmpalette.calibration.sums import ShardPlan
 from llmpalette.distributed import World
+from llmpalette.memory import heap_allocation, trim
 from llmpalette.threads import one_thread, ordered_map
 
 CompressLayer = Callable[[str, nn.Linear, torch.Tensor], tuple[object, torch.Tensor]]
@@ -88,7 +89,8 @@ def compress_layerwise(
     device: torch.device | None = None,
     hold: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> list[BlockResult]:
-    """Compress the selected Linear layers of `blocks` (name, module), in order; returns this rank's results.
+    """Compress the selected Linear layers of `blocks` (name, module), in order; returns this rank's results
+    (none when `on_block` is given: it takes each block's as it is done).
 
     samples: this rank's calibration samples (index, sample), `plan.rank_of_sample(i) == world.rank`.
     select(name, module): whether a Linear (full name) is compressed.
@@ -101,7 +103,7 @@ def compress_layerwise(
         blocks, for catching the first block's inputs), for a model whose weights are read lazily;
         blocks before `start_block` must hold their compressed weights in it.
     """
-    with one_thread() as workers:
+    with one_thread() as workers, heap_allocation():
         return _compress_layerwise(model, blocks, samples, plan, world, select, compress_layer, forward, true_sequential,
                                    start_block, on_block, on_sample, device, hold or (lambda b: contextlib.nullcontext()),
                                    workers if device is None or torch.device(device).type == "cpu" else 1)
@@ -124,9 +126,12 @@ def _compress_layerwise(model, blocks, samples, plan, world, select, compress_la
         with hold(b), on_device(block, device), Replay(block, names) as replay:
             result = _compress_block(b, block_name, block, names, inputs, plan, world, select, compress_layer,
                                      true_sequential, on_sample, workers, replay)
-            results.append(result)
             if on_block is not None:
-                on_block(result)
+                on_block(result)  # it takes the result: not kept here, so finished blocks hold no memory
+            else:
+                results.append(result)
+            del result
+            trim()
             if b + 1 < len(blocks):
                 replay.last_pass = True  # outputs are replayed, no longer kept: nothing runs after this pass
                 inputs = run_samples(block, inputs, workers, replay)
