@@ -3,13 +3,15 @@
 What it measures. The default model (SmolLM2-135M-Instruct, float32, `load_model("default")`), lm_head and
 the tied model.embed_tokens left alone by every method, compressed at each setting:
 
-Linear quantization (symmetric):
-- `int4-pc`: 4 bits, per_channel;
-- `int3-b32`: 3 bits, per_block, block_size 32 (along the input axis);
+Linear quantization:
+- `int4-pc`: 4 bits, per_channel, symmetric;
+- `int4-pc-affine`: 4 bits, per_channel, affine (a zero point per channel: 16 levels from min to max);
+- `int3-b32`: 3 bits, per_block, block_size 32 (along the input axis), symmetric;
 by
 - `rtn`: llmpalette's data-free round to nearest (`PostTrainingQuantizer`, int4 / int3: RTN's signed grid);
-- `gptq`: llmpalette's `LayerwiseCompressor` with `algorithm: gptq` (same grid as `rtn`),
-  use_activation_order_heuristic true (`--no-act-order`: false), blocks = the decoder layers (its default);
+- `gptq`: llmpalette's `LayerwiseCompressor` with `algorithm: gptq` (RTN's grid conventions, each range from
+  its clipping search, the default), use_activation_order_heuristic true (`--no-act-order`: false), blocks =
+  the decoder layers (its default);
 - `coremltools`: Core ML Tools' `coremltools.optimize.torch.layerwise_compression.LayerwiseCompressor`
   with `algorithm: gptq`, weight_dtype uint4 / uint3, the same granularity, block size, scheme, dampening
   (0.01), processing_group_size (128) and activation order, layers `model.layers.\\d+`.
@@ -60,11 +62,12 @@ Caveats.
 - Never use affine int4 per_block 32 as evidence (the script does not offer it): the default model's
   weights were stored as GGUF Q4_1, affine 4-bit in blocks of 32 along the input axis, so affine int4
   block-32 RTN reproduces them exactly (its error is zero) and any method on that grid looks perfect.
-  The settings here (symmetric; per channel, or 3-bit blocks) do not line up with that grid.
+  The settings here (per channel, or symmetric 3-bit blocks) do not line up with that grid.
 - The grids differ (the main difference between the tools; Core ML Tools' API has no way to ask for ours).
-  llmpalette's GPTQ uses RTN's grid (Core ML Tools' PostTrainingQuantizer maths): symmetric signed int4 is
-  the 15 levels [-7, 7] * s with s = max|w| / 7 (int3: [-3, 3] * max|w| / 3, 7 levels), so `rtn` and `gptq`
-  are the same format. Core ML Tools' GPTQ (`layerwise_compression/_quant.py`) uses its own grid, which
+  llmpalette's GPTQ uses RTN's grid conventions (Core ML Tools' PostTrainingQuantizer maths): symmetric signed
+  int4 is the 15 levels [-7, 7] * s with s = m / 7 (int3: [-3, 3] * m / 3, 7 levels), so `rtn` and `gptq`
+  are the same format; RTN takes m = max|w|, our GPTQ the m = p max|w| (p from 1 down to 0.81) that
+  minimises the row's (block's) rounding error weighted by the Hessian's diagonal (`clipping_search`). Core ML Tools' GPTQ (`layerwise_compression/_quant.py`) uses its own grid, which
   differs from its RTN's: unsigned [0, 2^n - 1] with the zero point fixed mid-range at 2^(n-1) and
   s = 2 max|w| / (2^n - 1), i.e. the 2^n levels [-8, 7] * s (int3: [-4, 3] * s): one level more than ours
   (16 vs 15, 8 vs 7; this matters most at 3 bits), a finer step (max/7.5 vs max/7; max/3.5 vs max/3), but the
@@ -130,6 +133,8 @@ QUANT_SETTINGS = {
     # theirs: Core ML Tools' ModuleGPTQConfig fields (its GPTQ takes unsigned dtypes only).
     "int4-pc": {"ours": {"weight_dtype": "int4", "granularity": "per_channel", "quantization_scheme": "symmetric"},
                 "theirs": {"weight_dtype": "uint4", "granularity": "per_channel", "quantization_scheme": "symmetric"}},
+    "int4-pc-affine": {"ours": {"weight_dtype": "int4", "granularity": "per_channel", "quantization_scheme": "affine"},
+                       "theirs": {"weight_dtype": "uint4", "granularity": "per_channel", "quantization_scheme": "affine"}},
     "int3-b32": {"ours": {"weight_dtype": "int3", "granularity": "per_block", "block_size": 32,
                           "quantization_scheme": "symmetric"},
                  "theirs": {"weight_dtype": "uint3", "granularity": "per_block", "block_size": 32,

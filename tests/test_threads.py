@@ -163,3 +163,4 @@ def test_replaying_finished_submodules_gives_the_recomputed_weights(monkeypatch)
     run(recomputed, gptq_layer, samples=4)
     for (name, a), (_, b) in zip(with_replay.named_parameters(), recomputed.named_parameters()):
         assert torch.equal(a, b), name
+

@@ -2,13 +2,18 @@
 `gptq_quantize_weight`, which returns the same linear-quantized kind of the format as RTN, so a GPTQ
 layer is stored, decoded, reported and exported exactly like an RTN one.
 
-The grid is RTN's (`maths.uniform`, Core ML Tools' `PostTrainingQuantizer` maths) with each scale rounded
-to a float16 value (`float16_exact`), and GPTQ chooses the integers (`maths.gptq`). Per-channel grids are set from the original weight; per-block grids from the
+The grid is RTN's (`maths.uniform`, Core ML Tools' `PostTrainingQuantizer` conventions: the same
+integer ranges, zero points and decode rule), with two choices of ours: each block's range comes from the
+clipping search (`clipping_search`, default on: the shrink of the range, 1 down to 0.81, that minimises
+the block's rounding error weighted by H's diagonal, `maths.uniform.clipped_grid`; off: the full range,
+RTN's own scale), and each scale is rounded to a float16 value (`float16_exact`); GPTQ then chooses the
+integers (`maths.gptq`). Per-channel grids are set from the original weight; per-block grids from the
 error-corrected weights when their block starts (GPTQ's groups), or, with
 `use_activation_order_heuristic`, from the original weight beforehand (static groups, so the columns
 may be visited in any order and the result is still one scale per block). Core ML Tools' own GPTQ uses a
 different grid from its RTN for the same dtype (`layerwise_compression/_quant.py`: [0, 2^n − 1] with a
-mid zero point); ours is RTN's, so RTN and GPTQ results are the same kind and compare directly.
+mid zero point, 16 levels for 4 bits where the symmetric int4 grid has 15); ours keeps RTN's
+conventions, so RTN and GPTQ results are the same kind and compare directly.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 from llmpalette.errors import ConfigError
 from llmpalette.layout.quantized import QuantizedWeight
 from llmpalette.maths.gptq import gptq
-from llmpalette.maths.uniform import UniformColumns, quant_range, uniform_grid
+from llmpalette.maths.uniform import UniformColumns, clipped_grid, quant_range, uniform_grid
 from llmpalette.quantization.post_training import ModulePostTrainingQuantizerConfig
 
 
@@ -29,13 +34,16 @@ class ModuleGPTQConfig(ModulePostTrainingQuantizerConfig):
     `hessian_dampening` (fraction of the mean diagonal added to H; raised 10x at a time when H stays
     singular, and reported), `use_activation_order_heuristic` (columns in order of decreasing diag H),
     `processing_group_size` (columns updated lazily together) and `enable_normal_float` (not offered:
-    refused)."""
+    refused), plus ours: `clipping_search` (default on): each scale from the range shrink (1 down to
+    0.81) that minimises the block's rounding error weighted by H's diagonal (`maths.uniform.clipped_grid`),
+    instead of the full range (off: RTN's grid)."""
 
     weight_dtype: str = "uint8"  # Core ML Tools' GPTQ default (its RTN's is int8)
     hessian_dampening: float = 0.01
     use_activation_order_heuristic: bool = False
     processing_group_size: int = 128
     enable_normal_float: bool = False
+    clipping_search: bool = True
     algorithm: str = "gptq"
 
     def validate(self) -> None:
@@ -77,7 +85,14 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Mo
     block_sizes = config.block_sizes_for(tuple(w.shape))
     n_bits, signed, scheme = config.weight_n_bits, config.signed, config.quantization_scheme
     qmin, qmax = quant_range(n_bits, signed, scheme)
-    scale, zero_point = uniform_grid(w, block_sizes, n_bits, signed, scheme)
+    importance = torch.diagonal(hessian).to(torch.float32).clamp(min=0).unsqueeze(0)  # [1, columns]
+
+    def grid(weights: torch.Tensor, sizes: tuple[int, int], columns: slice):
+        if config.clipping_search:
+            return clipped_grid(weights, sizes, n_bits, signed, scheme, importance[:, columns])
+        return uniform_grid(weights, sizes, n_bits, signed, scheme)
+
+    scale, zero_point = grid(w, block_sizes, slice(None))
     scale = float16_exact(scale)
     per_block = block_sizes[1] < w.shape[1]
     act_order = config.use_activation_order_heuristic
@@ -85,7 +100,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Mo
 
     def refit(columns: torch.Tensor, j0: int) -> None:
         block = j0 // block_sizes[1]
-        s, zp = uniform_grid(columns, (block_sizes[0], columns.shape[1]), n_bits, signed, scheme)
+        s, zp = grid(columns, (block_sizes[0], columns.shape[1]), slice(j0, j0 + columns.shape[1]))
         scale[:, block] = float16_exact(s[:, 0])
         if zero_point is not None:
             zero_point[:, block] = zp[:, 0]
