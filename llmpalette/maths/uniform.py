@@ -247,14 +247,28 @@ def clipped_grid(
     """
     w = weight.detach().to(torch.float32)
     qmin, qmax = quant_range(n_bits, signed, scheme)
-    weights = importance.to(torch.float32).expand_as(w)
+    blocks = to_blocks(w, block_sizes)
+    inner = tuple(range(1, blocks.dim(), 2))
+    weights = to_blocks(importance.to(torch.float32).expand_as(w).contiguous(), block_sizes)
+    # a block's grid depends only on its min and max, and min(p·w) = p·min(w) exactly (rounding is
+    # monotonic): each candidate is `uniform_grid` of the blocks' (min, max) pairs, shrunk
+    counts = block_counts(tuple(w.shape), block_sizes)
+    pairs = torch.stack([blocks.amin(dim=inner), blocks.amax(dim=inner)], dim=-1).reshape(-1, 2)
     best_scale, best_zero, best_error = None, None, None
-    inner = tuple(range(1, 2 * w.dim(), 2))
     for step in range(steps):
         factor = 1.0 - step * shrink
-        scale, zero = uniform_grid(w * factor, block_sizes, n_bits, signed, scheme)
-        values = dequantize_blocks(quantize_blocks(w, scale, zero, block_sizes, qmin, qmax), scale, zero, block_sizes)
-        error = to_blocks(weights * (w - values).square(), block_sizes).sum(dim=inner)
+        scale, zero = uniform_grid(pairs * factor, (1, 2), n_bits, signed, scheme)
+        scale = scale.reshape(counts)
+        zero = None if zero is None else zero.reshape(counts)
+        s = per_block(scale)
+        # (values − w)² · importance per block, in place: round(w / s) + z, clamped, − z, · s
+        error = torch.div(blocks, s).round_()
+        if zero is not None:
+            z = per_block(zero).to(torch.float32)
+            error.add_(z).clamp_(qmin, qmax).sub_(z)
+        else:
+            error.clamp_(qmin, qmax)
+        error = error.mul_(s).sub_(blocks).square_().mul_(weights).sum(dim=inner)
         if best_error is None:
             best_scale, best_zero, best_error = scale, zero, error
             continue

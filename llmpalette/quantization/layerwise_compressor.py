@@ -105,13 +105,14 @@ class LayerwiseCompressorConfig(OptimizationConfig):
             blocks = [(n, m) for n, m in modules if type(m).__name__ in classes]
             if not blocks:
                 raise ConfigError("layers", f"found no decoder blocks in {type(model).__name__} (it names no _no_split_modules); "
-                                  "list them, e.g. layers: ['model\\\\.layers\\\\.\\\\d+']")
+                                  "list them, e.g. layers: ['model\\.layers\\.\\d+']")
             return blocks
         matched: set[str] = set()
         for i, layer in enumerate(self.layers):
             found = [n for n, m in modules if (re.fullmatch(layer, n) if isinstance(layer, str) else m is layer)]
             if not found:
-                raise ConfigError(f"layers[{i}]", f"{layer if isinstance(layer, str) else type(layer).__name__!r} matches no module "
+                shown = f"'{layer}'" if isinstance(layer, str) else repr(type(layer).__name__)  # a pattern as typed
+                raise ConfigError(f"layers[{i}]", f"{shown} matches no module "
                                   f"of {type(model).__name__} (module names look like {_example_names(modules)})")
             matched.update(found)
         blocks = [(n, m) for n, m in modules if n in matched]
