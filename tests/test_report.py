@@ -134,8 +134,13 @@ def test_compression_time_is_split_and_labelled(job, tiny_llama_dir):
             unit["metrics"]["seconds"] = 148.3 / 14
     edit_manifest(job, with_sensitivities)
     times = compression_time(Manifest.load(job))
-    assert times == {"compression_seconds": 708.6, "sensitivities_seconds": 560.3, "layers_seconds": 148.3}
+    assert times == {"compression_seconds": 708.6, "sensitivities_seconds": 560.3, "passes_seconds": 0, "layers_seconds": 148.3}
     assert compression_time_line(times) == "compression time 708.6 s (sensitivities 560.3 s + layers 148.3 s)"
+    edit_manifest(job, lambda data: data["stages"][0].update(pass_seconds=41.2))  # a layerwise stage's block passes
+    times = compression_time(Manifest.load(job))
+    assert times["compression_seconds"] == 749.8 and times["passes_seconds"] == 41.2
+    assert compression_time_line(times) == ("compression time 749.8 s (sensitivities 560.3 s + calibration passes 41.2 s "
+                                            "+ layers 148.3 s)")
     assert compression_time_line({"compression_seconds": 0.1}) == "compression time 0.1 s (sum over layers)"  # an old report
 
 

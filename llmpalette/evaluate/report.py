@@ -103,25 +103,28 @@ def _stage(stage: dict[str, Any], recipe_stage: dict[str, Any]) -> dict[str, Any
 def compression_time(manifest: Manifest) -> dict[str, float]:
     """The compute seconds the job records, summed over its runs (model loading and evaluation are not in them).
 
-    sensitivities_seconds: the stages' Fisher passes (the only statistics a manifest records), wall time
-    on rank 0; layers_seconds: every compressed layer's own time, whichever rank did it (with several
-    ranks, more than the wall time they took); compression_seconds: the two together.
+    sensitivities_seconds: the stages' Fisher passes, wall time on rank 0; passes_seconds: the layerwise
+    stages' calibration passes (block forwards and Hessians, rank 0's wall time less its own layers' maths);
+    layers_seconds: every compressed layer's own time, whichever rank did it (with several ranks, more than
+    the wall time they took); compression_seconds: the three together.
     """
     stages = manifest.data["stages"]
     sensitivities = sum(stage["stats"]["seconds"] for stage in stages if stage.get("stats"))
+    passes = sum(stage.get("pass_seconds", 0.0) for stage in stages)
     layers = sum(unit["metrics"]["seconds"] for stage in stages for unit in stage["units"].values())
-    return {"compression_seconds": round(sensitivities + layers, 2), "sensitivities_seconds": round(sensitivities, 2),
-            "layers_seconds": round(layers, 2)}
+    return {"compression_seconds": round(sensitivities + passes + layers, 2), "sensitivities_seconds": round(sensitivities, 2),
+            "passes_seconds": round(passes, 2), "layers_seconds": round(layers, 2)}
 
 
 def compression_time_line(times: dict[str, Any]) -> str:
     """`compression time 708.6 s (sensitivities 560.3 s + layers 148.3 s)`, from `compression_time`'s figures."""
     if "layers_seconds" not in times:  # a report written before the times were split
         return f"compression time {times['compression_seconds']:.1f} s (sum over layers)"
-    if not times["sensitivities_seconds"]:
+    parts = [f"{label} {times[key]:.1f} s" for key, label in
+             (("sensitivities_seconds", "sensitivities"), ("passes_seconds", "calibration passes")) if times.get(key)]
+    if not parts:
         return f"compression time {times['compression_seconds']:.1f} s (layers; no sensitivity pass)"
-    return (f"compression time {times['compression_seconds']:.1f} s (sensitivities {times['sensitivities_seconds']:.1f} s "
-            f"+ layers {times['layers_seconds']:.1f} s)")
+    return f"compression time {times['compression_seconds']:.1f} s ({' + '.join(parts)} + layers {times['layers_seconds']:.1f} s)"
 
 
 def needs_evaluation(report: dict[str, Any]) -> bool:

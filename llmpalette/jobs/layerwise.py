@@ -69,8 +69,12 @@ def layerwise_stage(model, plan, index: int, recipe, tokenizer, manifest: Manife
         result = compress_linear(module.weight, hessian, configs[name].config, seed=recipe.seed)
         return (dataclasses.replace(result, decoded=None), time.perf_counter() - started), result.decoded
 
+    since = [time.perf_counter()]  # the block's passes: from the end of the last block's files to its own
+
     def on_block(result: BlockResult) -> None:
         nonlocal computed
+        maths = sum(seconds for _, seconds in result.compressed.values())
+        passes = time.perf_counter() - since[0] - maths
         records = {}
         for name, (layer, seconds) in result.compressed.items():
             records[name] = write_unit(manifest.job_dir, configs[name], layer.weight, layer.metrics, seconds=seconds)
@@ -84,8 +88,10 @@ def layerwise_stage(model, plan, index: int, recipe, tokenizer, manifest: Manife
                 _note_dampening(name, gathered[name], configs[name].config)
                 manifest.record_unit(index, name, gathered[name])
         if world.is_main:
+            manifest.add_pass_seconds(index, passes)
             manifest.save()
         bar.update(1)
+        since[0] = time.perf_counter()
 
     @contextlib.contextmanager
     def hold(b: int):

@@ -79,6 +79,11 @@ class Manifest:
     def record_unit(self, index: int, name: str, record: dict) -> None:
         self.data["stages"][index]["units"][name] = record
 
+    def add_pass_seconds(self, index: int, seconds: float) -> None:
+        """Add to a layerwise stage's calibration-pass time (block forwards and Hessians), over all runs."""
+        stage = self.data["stages"][index]
+        stage["pass_seconds"] = round(stage.get("pass_seconds", 0.0) + seconds, 3)
+
     def units(self, index: int) -> dict[str, dict]:
         stages = self.data["stages"]
         return stages[index]["units"] if index < len(stages) else {}
