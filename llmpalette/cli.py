@@ -94,10 +94,11 @@ def _after_stages(args, recipe, summary, world_size: int) -> None:
     from llmpalette.jobs.manifest import Manifest
 
     print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run"
-          f"{f'; {len(summary.redone)} of the computed were redone (missing or corrupt)' if summary.redone else ''}) "
+          f"{f'; {len(summary.redone)} of them redone because a file was missing or corrupt' if summary.redone else ''}) "
           f"on {world_size} rank(s) in {summary.seconds:.1f} s (this run's wall time, model loading included) "
           f"-> {summary.job_dir}")
-    print(f"{compression_time_line(compression_time(Manifest.load(summary.job_dir)))}, recorded in the job over all its runs")
+    print(f"{compression_time_line(compression_time(Manifest.load(summary.job_dir)))}, as the job records it "
+          "(passes summed over its runs, each layer's latest computation)")
     export = recipe.export.coreml if recipe.export is not None else None
     if args.no_eval and export is None:
         return

@@ -22,7 +22,7 @@ def test_compress_evaluate_report(tmp_path, tiny_recipe):
     report = json.loads((job / "report.json").read_text())
     assert "s (this run's wall time, model loading included) -> " in run.stdout
     assert (f"\ncompression time {report['compression_seconds']:.1f} s (layers; no sensitivity pass), "
-            "recorded in the job over all its runs\n") in run.stdout
+            "as the job records it (passes summed over its runs, each layer's latest computation)\n") in run.stdout
     ev = report["evaluation"]
     assert ev["windows"] == 4 and ev["seq_len"] == 64
     assert ev["perplexity_before"] > 1 and ev["perplexity_after"] > 1

@@ -249,7 +249,7 @@ def test_cluster_dim_not_dividing_the_channels_core_ml_tools_skips_llmpalette_re
     assert any("odd.weight" in w and "cluster_dim=4" in w for w in warnings), warnings
     with pytest.raises(ConfigError) as err:
         run_ours(model, config)
-    assert err.value.field == "cluster_dim"
+    assert err.value.field == "global_config.cluster_dim"
     assert "layer 'odd'" in str(err.value) and "does not divide the 6 channels along axis 0" in str(err.value)
 
 

@@ -116,7 +116,7 @@ def test_a_damaged_layer_file_redoes_its_block_and_the_ones_after(tmp_path, tiny
 
 
 @pytest.mark.parametrize("config, field, words", [
-    ({"global_config": {**INT3_BLOCK, "block_size": 48}}, "block_size", "does not divide"),
+    ({"global_config": {**INT3_BLOCK, "block_size": 48}}, "config.global_config.block_size", "does not divide"),
     ({"global_config": {**INT4, "weight_dtype": "int0"}}, "weight_dtype", ""),
     ({"global_config": {**INT4, "hessian_dampening": 1.5}}, "hessian_dampening", "[0, 1)"),
     ({"global_config": {**LUT, "cluster_dim": 2}}, "cluster_dim", "scalar"),

@@ -144,6 +144,8 @@ def test_job_dir_that_is_a_file_is_refused(tmp_path):
     path.write_text("x")
     with pytest.raises(JobError, match=f"--job-dir {path} is a file, not a folder"):
         JobLock(path).acquire()
+    with pytest.raises(JobError, match=f"--job-dir {path / 'sub'} cannot be a folder \\(its parent {path} is a file\\)"):
+        JobLock(path / "sub").acquire()
 
 
 def test_the_lock_is_not_a_temporary(tmp_path):

@@ -152,7 +152,7 @@ def test_group_size_not_dividing_is_rejected_naming_the_layer():
     cfg = PostTrainingPalettizerConfig.from_dict({"global_config": {"granularity": "per_grouped_channel", "group_size": 48, "weight_threshold": 0}})
     with pytest.raises(ConfigError) as err:
         PostTrainingPalettizer(model, cfg).compress()
-    assert err.value.field == "group_size" and "layer 'model.embed_tokens'" in str(err.value) and "257 channels" in str(err.value)
+    assert err.value.field == "global_config.group_size" and "layer 'model.embed_tokens'" in str(err.value) and "257 channels" in str(err.value)
 
 
 def test_cluster_dim_not_dividing_is_rejected():

@@ -208,7 +208,7 @@ def test_a_block_size_coremltools_skips_is_an_error_naming_the_layer(shape, bloc
     assert their_params(theirs) == {} and torch.equal(theirs[0].weight, layer.weight)  # skipped, with a warning
     with pytest.raises(ConfigError, match=match) as caught:
         run_ours(model, config)
-    assert caught.value.field == "block_size"
+    assert caught.value.field == "global_config.block_size"
 
 
 # -- 3. API surface read from the installed Core ML Tools ---------------------------------------

@@ -87,7 +87,10 @@ class JobLock:
         try:
             self.job_dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise JobError(f"--job-dir {self.job_dir} is a file, not a folder") from None
+            blocker = next((p for p in (self.job_dir, *self.job_dir.parents) if p.exists() and not p.is_dir()), self.job_dir)
+            where = "" if blocker == self.job_dir else f" (its parent {blocker} is a file)"
+            raise JobError(f"--job-dir {self.job_dir} cannot be a folder{where}" if where else
+                           f"--job-dir {self.job_dir} is a file, not a folder") from None
         except OSError as e:
             raise JobError(f"cannot create job {self.job_dir}: {e.strerror}") from None
         if missing:

@@ -310,7 +310,7 @@ class Plan(list):
                 log.info("left alone: %s (%s): %s", " = ".join(s.names), s.module_type, s.reason)
         by_type = Counter(s.module_type for s in self.skipped if s.reason == UNSUPPORTED_TYPE)
         for module_type, count in by_type.items():
-            log.info("left alone: %d %s module(s): type not supported by palettization", count, module_type)
+            log.info("left alone: %d %s module(s): a type this algorithm does not compress", count, module_type)
 
 
 class PostTrainingPalettizer:
@@ -425,6 +425,9 @@ def plan_units(model: nn.Module, config: OptimizationConfig,
         if numel <= chosen.weight_threshold:
             skipped.append(SkippedModule(unit.names, unit.module_type, f"{numel} elements <= weight_threshold {chosen.weight_threshold}"))
             continue
-        chosen.check_weight(unit.shape, unit.name)
+        try:
+            chosen.check_weight(unit.shape, unit.name)
+        except ConfigError as e:  # name the entry the field sits in: global_config.block_size, ...
+            raise ConfigError(f"{resolved[unit.name][1]}.{e.field}" if e.field else resolved[unit.name][1], e.message) from None
         planned.append(PlannedUnit(unit, chosen))
     return Plan(planned, skipped)
