@@ -14,7 +14,9 @@
 4. The block's outputs under the compressed weights are the next block's inputs.
 
 Only one block's activations and Hessians are in memory. Orchestration only: the caller's
-`compress_layer` does the maths, and `on_block` may checkpoint.
+`compress_layer` does the maths, and `on_block` may checkpoint. torch runs on one thread (bits that do
+not depend on the core count); the samples run on the cores instead (`threads.ordered_map`), and a
+finished submodule's output is replayed per sample within the block (`Replay`).
 """
 from __future__ import annotations
 
