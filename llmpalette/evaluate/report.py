@@ -105,7 +105,7 @@ def compression_time(manifest: Manifest) -> dict[str, float]:
 
     sensitivities_seconds: the stages' Fisher passes, wall time on rank 0; passes_seconds: the layerwise
     stages' calibration passes (block forwards and Hessians, rank 0's wall time less its own layers' maths);
-    layers_seconds: every compressed layer's own time, whichever rank did it (with several ranks, more than
+    layers_seconds: every compressed layer's own time, whichever rank or thread did it (so, with several, more than
     the wall time they took); compression_seconds: the three together.
     """
     stages = manifest.data["stages"]

@@ -67,17 +67,16 @@ def layerwise_stage(model, plan, index: int, recipe, tokenizer, manifest: Manife
     def compress_layer(name, module, hessian):
         started = time.perf_counter()
         result = compress_linear(module.weight, hessian, configs[name].config, seed=recipe.seed)
-        return (dataclasses.replace(result, decoded=None), time.perf_counter() - started), result.decoded
+        return (dataclasses.replace(result, decoded=None), (started, time.perf_counter())), result.decoded
 
     since = [time.perf_counter()]  # the block's passes: from the end of the last block's files to its own
 
     def on_block(result: BlockResult) -> None:
         nonlocal computed
-        maths = sum(seconds for _, seconds in result.compressed.values())
-        passes = time.perf_counter() - since[0] - maths
+        passes = time.perf_counter() - since[0] - _covered([span for _, span in result.compressed.values()])
         records = {}
-        for name, (layer, seconds) in result.compressed.items():
-            records[name] = write_unit(manifest.job_dir, configs[name], layer.weight, layer.metrics, seconds=seconds)
+        for name, (layer, (started, ended)) in result.compressed.items():
+            records[name] = write_unit(manifest.job_dir, configs[name], layer.weight, layer.metrics, seconds=ended - started)
         gathered = {name: record for part in distributed.all_gather(records) for name, record in part.items()}
         for name in sorted(gathered, key=order.__getitem__):
             computed += 1
@@ -144,3 +143,13 @@ def _note_dampening(name: str, record: dict, config) -> None:
     if used is not None and used > config.hessian_dampening * (1 + 1e-9):
         log.warning("%s: its Hessian was singular with hessian_dampening %g; GPTQ used %g (recorded in the report)",
                     name, config.hessian_dampening, used)
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the (start, end) spans: the layers' maths ran on threads, so they overlap."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
