@@ -48,15 +48,25 @@ Run from the repository root (llmpalette and coremltools 9.0 installed):
     python3 benchmarks/gptq_vs_coremltools.py [--samples 16 128]
         [--methods rtn gptq coremltools kmeans skm lut-gptq] [--settings int4-pc int3-b32 lut4-g16 lut3-g16]
         [--seq-len 512] [--eval-windows 16] [--no-act-order] [--workers N]
-        [--out results.json] [--work-dir DIR] [--quick]
+        [--out results.json] [--work-dir DIR [--reuse]] [--quick]
 
 `--quick` (seq_len 128, 2 samples, 2 evaluation windows, settings int4-pc and lut4-g16; explicit flags still
 win) is a smoke run: its figures mean nothing (and still takes about 30 minutes on 2 cores, most of it
 lut-gptq). The full run (every method and setting at 16 samples) takes well over an hour on 2 cores: 13
 evaluations of about 1 minute, the SKM sensitivity pass, and the column-by-column GPTQ of 210 layers per
 calibrated run (on a shared 2-core machine at load 3-8: llmpalette's gptq 460-990 s, Core ML Tools'
-about 640 s, lut-gptq longer, as it runs GPTQ three times). `--work-dir` keeps each child's log, spec and JSON result (and the SKM
-sensitivity files); by default they go to a temporary directory that is removed.
+about 640 s, lut-gptq longer, as it runs GPTQ three times). `--work-dir` keeps each child's log, spec and JSON result,
+the result as the parent completed it (`<label>.result.json`: the sampled tree peak, wall time and load averages
+added) and the SKM sensitivity files; by default they go to a temporary directory that is removed.
+
+`--reuse` (needs `--work-dir`) resumes an interrupted run: a step (float, a compression, a sensitivity pass)
+whose `<label>.result.json` from an earlier run in that directory holds no error, and whose spec was the same
+(`<label>.spec.json` but its "result" and "marker" paths), is not run again: its stored result is used, its
+progress line says "reused (measured earlier)" and its result in `--out` gets `"reused": true` (its figures,
+wall time and load averages included, are the earlier run's). Every spec records the code under "code": the
+git commit of this repository and whether `git status --porcelain -- llmpalette benchmarks` shows changes
+(null without git), so a new commit runs every step again; nothing is reused while that status shows changes
+or without git (the code could differ unseen), nor a sensitivity pass whose safetensors file is gone.
 
 Caveats.
 - Never use affine int4 per_block 32 as evidence (the script does not offer it): the default model's
@@ -114,12 +124,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or with -m
-from _measure import SAMPLE_INTERVAL_S, PeakMemory, TreeSampler, _ru_maxrss_kb  # noqa: E402
+import _measure  # noqa: E402
+from _measure import GB, calibration, fmt, timed  # noqa: E402
 
 GROUP_SIZE = 16
 # SmolLM2 ties lm_head to model.embed_tokens: both are left alone (named for the data-free tools; outside the
@@ -149,7 +158,7 @@ DATA_FREE = ("rtn", "kmeans")
 THEIRS = "coremltools"
 QUICK = {"seq_len": 128, "samples": [2], "eval_windows": 2, "settings": ["int4-pc", "lut4-g16"]}
 FULL = {"seq_len": 512, "samples": [16, 128], "eval_windows": 16, "settings": list(SETTINGS)}
-GB = 1e9
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -212,59 +221,19 @@ def config_for(method: str, setting: str, samples: int, act_order: bool) -> dict
 
 def child_main(spec_path: str) -> None:
     """One step in this process; writes its result (JSON) to spec['result']."""
-    spec = json.loads(Path(spec_path).read_text())
-    PeakMemory.marker = Path(spec["marker"])
-    import torch
-
-    from llmpalette.sources.models import load_model, quiet_libraries
-
-    quiet_libraries()
-    result: dict = {"spec": spec}
-    start = time.perf_counter()
-    model, tokenizer = load_model("default", dtype=torch.float32)
-    result["load_seconds"] = time.perf_counter() - start
-    step = spec["step"]
-    if step == "float":
-        with PeakMemory() as memory:
-            pass
-        result.update(memory.as_dict())
-    elif step == "sensitivity":
-        result.update(_sensitivity(spec, model, tokenizer))
-    else:
-        result.update(_compress(spec, model, tokenizer))
-    if step != "sensitivity":
-        from llmpalette.evaluate.perplexity import perplexity
-        from llmpalette.sources.text import build_windows
-
-        windows = build_windows(tokenizer, "default", seq_len=spec["seq_len"], calibration_samples=0,
-                                evaluation_windows=spec["eval_windows"])
-        start = time.perf_counter()
-        result["perplexity"] = perplexity(result.pop("model", model), windows.evaluation, batch_size=4)
-        result["eval_seconds"] = time.perf_counter() - start
-        result["text"] = windows.description
-    result["child_ru_maxrss_kb"] = _ru_maxrss_kb()
-    Path(spec["result"]).write_text(json.dumps(result, indent=2))
-
-
-def _calibration(tokenizer, spec: dict) -> list:
-    from llmpalette.sources.text import calibration_windows
-
-    return [w for _, w in calibration_windows(tokenizer, "default", seq_len=spec["seq_len"], count=spec["samples"])]
+    _measure.child_main(spec_path, _sensitivity, _compress)
 
 
 def _sensitivity(spec: dict, model, tokenizer) -> dict:
     """llmpalette's SKM sensitivity pass, as skm_vs_coremltools.py runs it (gradient checkpointing on)."""
     from llmpalette.palettization.sensitive_k_means import SKMPalettizer, SKMPalettizerConfig
 
-    windows = _calibration(tokenizer, spec)
+    windows = calibration(tokenizer, spec)
     config = skm_config("lut4-g16", spec["samples"])  # the bits do not change which weights get one
     config["gradient_checkpointing"] = True
     palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(config))
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        palettizer.compute_sensitivity(windows, sensitivity_path=spec["path"])
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "file_bytes": os.path.getsize(spec["path"]), "config": config, **memory.as_dict()}
+    _, seconds, memory = timed(lambda: palettizer.compute_sensitivity(windows, sensitivity_path=spec["path"]))
+    return {"seconds": seconds, "file_bytes": os.path.getsize(spec["path"]), "config": config, **memory}
 
 
 def _warm_up(model, method: str, setting: str) -> float:
@@ -273,25 +242,24 @@ def _warm_up(model, method: str, setting: str) -> float:
 
     from llmpalette.palettization import ModulePostTrainingPalettizerConfig, palettize_weight
 
-    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in SKIPPED)
-    weight = model.get_submodule(name).weight.detach()[: 4 * GROUP_SIZE].clone()
-    start = time.perf_counter()
-    if method == "kmeans":
-        palettize_weight(weight, ModulePostTrainingPalettizerConfig.from_dict(palettizer_config(setting)["global_config"]))
-    elif method == "skm":
-        from llmpalette.palettization.sensitive_k_means import ModuleSKMPalettizerConfig, skm_palettize_weight
+    def kernel(weight) -> None:
+        if method == "kmeans":
+            palettize_weight(weight, ModulePostTrainingPalettizerConfig.from_dict(palettizer_config(setting)["global_config"]))
+        elif method == "skm":
+            from llmpalette.palettization.sensitive_k_means import ModuleSKMPalettizerConfig, skm_palettize_weight
 
-        sensitivity = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0))
-        skm_palettize_weight(weight, ModuleSKMPalettizerConfig.from_dict(palettizer_config(setting)["global_config"]),
-                             sensitivity=sensitivity)
-    elif method == "lut-gptq":
-        from llmpalette.quantization import LayerwiseCompressorConfig
-        from llmpalette.quantization.layerwise_compressor import compress_linear
+            sensitivity = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0))
+            skm_palettize_weight(weight, ModuleSKMPalettizerConfig.from_dict(palettizer_config(setting)["global_config"]),
+                                 sensitivity=sensitivity)
+        elif method == "lut-gptq":
+            from llmpalette.quantization import LayerwiseCompressorConfig
+            from llmpalette.quantization.layerwise_compressor import compress_linear
 
-        x = torch.randn(256, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        config = LayerwiseCompressorConfig.from_dict(lut_gptq_config(setting, 1)).global_config
-        compress_linear(weight, x.T @ x / x.shape[0], config)
-    return time.perf_counter() - start
+            x = torch.randn(256, weight.shape[1], generator=torch.Generator().manual_seed(0))
+            config = LayerwiseCompressorConfig.from_dict(lut_gptq_config(setting, 1)).global_config
+            compress_linear(weight, x.T @ x / x.shape[0], config)
+
+    return _measure.warm_up(model, SKIPPED, 4 * GROUP_SIZE, kernel)
 
 
 def _compress(spec: dict, model, tokenizer) -> dict:
@@ -323,7 +291,7 @@ def _compress(spec: dict, model, tokenizer) -> dict:
 
         if method == "lut-gptq":
             warm_up = _warm_up(model, method, setting)
-        windows = _calibration(tokenizer, spec)
+        windows = calibration(tokenizer, spec)
         compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict(config))
         run = lambda: compressor.compress(windows, device="cpu", inplace=True)  # noqa: E731
     elif method == THEIRS:
@@ -331,38 +299,22 @@ def _compress(spec: dict, model, tokenizer) -> dict:
 
         # Its GPT input cacher calls model(input_ids) with the model's own use_cache: keep no KV cache.
         model.config.use_cache = False
-        windows = [w.view(1, -1) for w in _calibration(tokenizer, spec)]
+        windows = [w.view(1, -1) for w in calibration(tokenizer, spec)]
         compressor = LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict(config))
         run = lambda: compressor.compress(windows, device="cpu", inplace=True)  # noqa: E731
     else:
         raise ValueError(f"unknown method {method!r}")
-    before = _fingerprints(model)
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        compressed = run()
-        seconds = time.perf_counter() - start
-    after = _fingerprints(compressed)
+    before = _measure.fingerprints(model, embeddings=True)
+    compressed, seconds, memory = timed(run)
+    after = _measure.fingerprints(compressed, embeddings=True)
     if method in ("gptq", "lut-gptq"):
         extra["layer_metrics"] = _summarise(compressor.metrics)
     if method == THEIRS:
         compressed.config.use_cache = True
     linear = [n for n in before if n not in SKIPPED]
-    return {"seconds": seconds, "warm_up_seconds": warm_up, "model": compressed, "config": config, **memory.as_dict(),
+    return {"seconds": seconds, "warm_up_seconds": warm_up, "model": compressed, "config": config, **memory,
             "linear_layers": len(linear), "linear_layers_changed": sum(after[n] != before[n] for n in linear),
             "skipped_unchanged": all(after[n] == before[n] for n in SKIPPED if n in before), **extra}
-
-
-def _fingerprints(model) -> dict[str, tuple[float, float]]:
-    """(sum, sum of squares) of each Linear weight and of the skipped weights: tells which a tool changed
-    (a layer skipped silently, or a touched lm_head / embedding, would show) without copying the weights."""
-    import torch
-
-    found = {}
-    for n, m in model.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
-            w = m.weight.detach().double()
-            found[n] = (float(w.sum()), float(w.square().sum()))
-    return found
 
 
 def _summarise(metrics: dict[str, dict[str, float]]) -> dict:
@@ -376,82 +328,79 @@ def _summarise(metrics: dict[str, dict[str, float]]) -> dict:
 
 # ----------------------------------------------------------------------------------------------- parent
 
-def run_child(spec: dict, work: Path, label: str) -> dict:
-    """Run one step in a fresh process; its output goes to WORK/<label>.log. Returns its result or an error."""
-    spec = {**spec, "result": str(work / f"{label}.json"), "marker": str(work / f"{label}.phase")}
-    spec_path = work / f"{label}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    log_path = work / f"{label}.log"
-    env = {**os.environ, "COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL": "warning", "TQDM_DISABLE": "1"}
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
-        sampler = TreeSampler(child.pid, Path(spec["marker"]))
-        try:
-            while child.poll() is None:
-                sampler.sample()
-                time.sleep(SAMPLE_INTERVAL_S)
-        finally:
-            if child.poll() is None:  # interrupted: do not leave the child running
-                child.terminate()
-                child.wait()
-        code = child.returncode
-    elapsed = time.perf_counter() - start
-    if code != 0 or not Path(spec["result"]).exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-        print(f"  {label}: FAILED (exit {code}) after {elapsed:.0f} s; last lines of {log_path}:\n{tail}", flush=True)
-        return {"error": f"exit {code}", "log_tail": tail, "child_seconds": elapsed, "load_average_before": load}
-    result = json.loads(Path(spec["result"]).read_text())
-    result["tree_peak_rss_bytes_sampled"] = sampler.peak
-    result["max_processes"] = sampler.max_processes
-    if "peak_rss_bytes" in result:
-        result["peak_rss_bytes"] = max(result["peak_rss_bytes"], sampler.peak)
-    result["child_seconds"] = elapsed
-    result["load_average_before"] = load
-    result["load_average_after"] = os.getloadavg()[0]
+def code_version(root: Path = REPOSITORY) -> dict | None:
+    """The spec's "code": the git commit of the repository at `root` and whether
+    `git status --porcelain -- llmpalette benchmarks` shows changes there; None without git (or a checkout)."""
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *arguments], capture_output=True, text=True, check=True).stdout
+
+    try:
+        return {"commit": git("rev-parse", "HEAD").strip(),
+                "changed": bool(git("status", "--porcelain", "--", "llmpalette", "benchmarks").strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _without_paths(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k not in ("result", "marker")}
+
+
+def stored_result(spec: dict, work: Path, label: str) -> dict | None:
+    """An earlier run's result of this step in WORK (WORK/<label>.result.json, as `run_child` saved it), or None:
+    only if it holds no error, its spec (WORK/<label>.spec.json, and the one the child recorded in its result)
+    is `spec` but for the result and marker paths, the code is known and unchanged (a commit, no uncommitted
+    changes), and a sensitivity pass's file is still there."""
+    code = spec.get("code")
+    if code is None or code.get("changed"):
+        return None
+    try:
+        result = json.loads((work / f"{label}.result.json").read_text())
+        written = json.loads((work / f"{label}.spec.json").read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(spec))  # as it would read back (tuples as lists)
+    if (not isinstance(result, dict) or "error" in result or _without_paths(written) != wanted
+            or _without_paths(result.get("spec") or {}) != wanted):
+        return None
+    if spec["step"] == "sensitivity" and not os.path.exists(spec["path"]):
+        return None
+    return result
+
+
+def run_child(spec: dict, work: Path, label: str, reuse: bool = False) -> dict:
+    """Run one step in a fresh process; its output goes to WORK/<label>.log. Returns its result or an error,
+    also saved, as completed here, to WORK/<label>.result.json. With `reuse`, an earlier run's result of the
+    same step (`stored_result`) is returned instead, marked "reused": true."""
+    if reuse:
+        stored = stored_result(spec, work, label)
+        if stored is not None:
+            return {**stored, "reused": True}
+    saved = work / f"{label}.result.json"
+    saved.unlink(missing_ok=True)  # never left beside a newer spec
+    result = _measure.run_child(spec, work, label, Path(__file__).resolve())
+    if "error" not in result:
+        result["load_average_after"] = os.getloadavg()[0]
+    saved.write_text(json.dumps(result, indent=2))
     return result
 
 
 def describe(label: str, r: dict) -> str:
-    parts = [f"  {label}: done in {r['child_seconds']:.0f} s (model load {r['load_seconds']:.0f} s; "
-             f"1-min load average before {r['load_average_before']:.2f}, after {r['load_average_after']:.2f})"]
-    if "seconds" in r:
-        parts.append(f"timed call {r['seconds']:.1f} s")
-    if "linear_layers" in r:
-        parts.append(f"{r['linear_layers_changed']}/{r['linear_layers']} linear layers changed, "
-                     f"lm_head/embedding {'unchanged' if r['skipped_unchanged'] else 'CHANGED'}")
-    if r.get("warm_up_seconds"):
-        parts.append(f"numba warm-up {r['warm_up_seconds']:.1f} s")
-    if r.get("layer_metrics"):
-        parts.append(f"mean output_rel_error {r['layer_metrics'].get('mean_output_rel_error', float('nan')):.4g}")
-    parts.append(f"peak RSS {r['peak_rss_bytes'] / GB:.2f} GB ({max(1, r['max_processes'])} process(es))")
-    if "perplexity" in r:
-        parts.append(f"perplexity {r['perplexity']:.3f} (evaluation {r['eval_seconds']:.0f} s)")
-    return ", ".join(parts)
-
-
-def machine_facts() -> dict:
-    import coremltools
-    import numba
-    import torch
-    import transformers
-
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "numba_threads": numba.get_num_threads(),
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numba": numba.__version__,
-                         "transformers": transformers.__version__, "coremltools": coremltools.__version__}}
+    return _measure.describe(label, r, eval_seconds=True)
 
 
 def build_rows(float_result: dict, steps: dict) -> list[dict]:
-    """One row per (method, setting, samples); skm: wall = sensitivity + clustering, peak = max of the two."""
+    """One row per (method, setting, samples), after float in the order of SETTINGS, samples and METHODS;
+    skm: wall = sensitivity + clustering, peak = max of the two."""
     rows = []
     float_ppl = float_result.get("perplexity")
     rows.append({"method": "float", "setting": "float32", "samples": 0, "perplexity": float_ppl,
                  "ratio": 1.0 if float_ppl else None, "wall_s": None, "peak_rss_bytes": float_result.get("peak_rss_bytes"),
                  "error": float_result.get("error")})
-    for (method, setting, samples), r in steps["compress"].items():
+    def order(item) -> tuple:  # the rows' order: not the order the steps ran in (or the flags' order)
+        (method, setting, samples), _ = item
+        return SETTINGS.index(setting), samples, METHODS.index(method)
+
+    for (method, setting, samples), r in sorted(steps["compress"].items(), key=order):
         sens = steps["sensitivity"].get(samples) if method == "skm" else None
         error = r.get("error") or (sens or {}).get("error")
         row = {"method": method, "setting": setting, "samples": samples, "error": error, "perplexity": None,
@@ -468,17 +417,12 @@ def build_rows(float_result: dict, steps: dict) -> list[dict]:
     return rows
 
 
-def fmt(value, pattern: str) -> str:
-    return "-" if value is None else format(value, pattern)
-
-
 def print_table(rows: list[dict]) -> None:
-    print("\n## Results\n")
-    print("| method | setting | samples | perplexity | ratio to float | wall s | peak RSS GB | load avg before/after |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    _measure.table_head("## Results", ["method", "setting", "samples", "perplexity", "ratio to float", "wall s",
+                                       "peak RSS GB", "load avg before/after"], "llrrrrrr")
     for r in rows:
         if r["error"]:
-            print(f"| {r['method']} | {r['setting']} | {r['samples'] or '-'} | FAILED: {r['error']} | | | | |")
+            print(_measure.failed_row([r["method"], r["setting"], r["samples"] or "-"], r["error"], 8))
             continue
         load = (f"{r['load_average_before']:.2f}/{r['load_average_after']:.2f}" if "load_average_before" in r else "-")
         print(f"| {r['method']} | {r['setting']} | {r['samples'] or '-'} | {fmt(r['perplexity'], '.3f')} | "
@@ -494,13 +438,9 @@ def print_table(rows: list[dict]) -> None:
 
 def comparisons(rows: list[dict]) -> list[dict]:
     """Ours (gptq) against Core ML Tools' GPTQ at the same setting and samples."""
-    by_key = {(r["method"], r["setting"], r["samples"]): r for r in rows if not r["error"]}
     found = []
-    for (method, setting, samples), ours in by_key.items():
-        theirs = by_key.get((THEIRS, setting, samples))
-        if method != "gptq" or theirs is None:
-            continue
-        found.append({"setting": setting, "samples": samples,
+    for ours, theirs in _measure.against(rows, "setting", ("gptq",), THEIRS):
+        found.append({"setting": ours["setting"], "samples": ours["samples"],
                       "perplexity_ours": ours["perplexity"], "perplexity_theirs": theirs["perplexity"],
                       "perplexity_ratio": ours["perplexity"] / theirs["perplexity"],
                       "wall_ratio": ours["wall_s"] / theirs["wall_s"],
@@ -511,9 +451,9 @@ def comparisons(rows: list[dict]) -> list[dict]:
 def print_comparisons(found: list[dict]) -> None:
     if not found:
         return
-    print("\n## llmpalette GPTQ against Core ML Tools' GPTQ (same setting and samples; < 1: ours lower)\n")
-    print("| setting | samples | ppl ours | ppl theirs | ppl ours/theirs | wall ours/theirs | peak RSS ours/theirs |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    _measure.table_head("## llmpalette GPTQ against Core ML Tools' GPTQ (same setting and samples; < 1: ours lower)",
+                        ["setting", "samples", "ppl ours", "ppl theirs", "ppl ours/theirs", "wall ours/theirs",
+                         "peak RSS ours/theirs"], "lrrrrrr")
     for c in found:
         print(f"| {c['setting']} | {c['samples']} | {c['perplexity_ours']:.3f} | {c['perplexity_theirs']:.3f} | "
               f"{c['perplexity_ratio']:.3f} | {c['wall_ratio']:.3f} | {c['rss_ratio']:.3f} |")
@@ -549,14 +489,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="num_kmeans_workers (default: cores)")
     parser.add_argument("--out", type=Path, help="also write the raw results here (JSON)")
     parser.add_argument("--work-dir", type=Path, help="keep sensitivities, child logs and results here (default: a temp dir, removed)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="resume an earlier run in --work-dir (required): a step whose result there has no error "
+                             "and whose spec (code commit included) is the same is not run again, its result is used; "
+                             "nothing is reused while llmpalette/ or benchmarks/ have uncommitted changes")
     parser.add_argument("--quick", action="store_true", help="smoke run: seq_len 128, 2 samples, 2 eval windows, int4-pc and lut4-g16")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    if args.reuse and args.work_dir is None:
+        parser.error("--reuse needs --work-dir (the directory of the run to resume)")
+    return _measure.fill_defaults(args, QUICK, FULL)
 
 
 def main(argv=None) -> None:
@@ -564,26 +506,20 @@ def main(argv=None) -> None:
     if args.child:
         child_main(args.child)
         return
-    started = time.perf_counter()
-    temp = None
-    if args.work_dir is None:
-        temp = tempfile.TemporaryDirectory(prefix="gptq_vs_coremltools_")
-        work = Path(temp.name)
-    else:
-        work = args.work_dir
-        work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL", "warning")
-    machine = machine_facts()
+    started, work, temp, machine = _measure.start_run(args.work_dir, "gptq_vs_coremltools_",
+                                                      ("torch", "numba", "transformers", "coremltools"))
     act_order = not args.no_act_order
-    print("## Machine")
-    for key, value in machine.items():
-        print(f"- {key}: {json.dumps(value)}")
     print(f"## Plan: settings {args.settings}, samples {args.samples}, methods {args.methods}, seq_len {args.seq_len}, "
           f"eval windows {args.eval_windows}, activation order (gptq, coremltools) {act_order}; "
           f"children log to {work}\n", flush=True)
-    common = {"seq_len": args.seq_len, "eval_windows": args.eval_windows, "workers": args.workers, "act_order": act_order}
+    code = code_version()
+    if args.reuse and (code is None or code["changed"]):
+        print(f"--reuse: nothing will be reused ({'no git' if code is None else 'uncommitted changes in llmpalette/ or benchmarks/'})\n",
+              flush=True)
+    common = {"seq_len": args.seq_len, "eval_windows": args.eval_windows, "workers": args.workers, "act_order": act_order,
+              "code": code}
 
-    float_result = run_child({**common, "step": "float"}, work, "float")
+    float_result = run_child({**common, "step": "float"}, work, "float", args.reuse)
     if "error" not in float_result:
         print(describe("float", float_result), flush=True)
     steps: dict = {"sensitivity": {}, "compress": {}}
@@ -592,7 +528,7 @@ def main(argv=None) -> None:
         label = f"{method}-{setting}" + (f"-n{samples}" if samples else "")
         r = steps["compress"][(method, setting, samples)] = run_child(
             {**common, "step": "compress", "method": method, "setting": setting, "samples": samples, "path": path},
-            work, label)
+            work, label, args.reuse)
         if "error" not in r:
             print(describe(label, r), flush=True)
 
@@ -605,7 +541,7 @@ def main(argv=None) -> None:
             path = str(work / f"skm-sensitivity-n{samples}.safetensors")
             label = f"skm-sensitivity-n{samples}"
             r = steps["sensitivity"][samples] = run_child({**common, "step": "sensitivity", "samples": samples,
-                                                           "path": path}, work, label)
+                                                           "path": path}, work, label, args.reuse)
             if "error" not in r:
                 print(describe(label, r) + f", file {r['file_bytes'] / GB:.2f} GB", flush=True)
         for setting in args.settings:
@@ -622,26 +558,13 @@ def main(argv=None) -> None:
     found = comparisons(rows)
     print_comparisons(found)
     print_notes(args)
-    total = time.perf_counter() - started
-    print(f"\nwhole run: {total:.0f} s", flush=True)
-    if args.out:
-        raw = {"|".join(str(p) for p in k): v for k, v in steps["compress"].items()}
-        raw.update({f"skm-sensitivity|{k}": v for k, v in steps["sensitivity"].items()})
-        args.out.write_text(json.dumps({
-            "settings": {"settings": args.settings, "samples": args.samples, "methods": args.methods,
-                         "seq_len": args.seq_len, "eval_windows": args.eval_windows, "act_order": act_order,
-                         "num_kmeans_workers": args.workers, "quick": args.quick, "group_size": GROUP_SIZE,
-                         "skipped": list(SKIPPED), "lut_iterations": LUT_ITERATIONS},
-            "machine": machine,
-            "float": float_result,
-            "steps": raw,
-            "rows": rows,
-            "gptq_vs_coremltools": found,
-            "whole_run_seconds": total,
-        }, indent=2, default=str))
-        print(f"raw results: {args.out}")
-    if temp is not None:
-        temp.cleanup()
+    raw = {"|".join(str(p) for p in k): v for k, v in steps["compress"].items()}
+    raw.update({f"skm-sensitivity|{k}": v for k, v in steps["sensitivity"].items()})
+    settings = {"settings": args.settings, "samples": args.samples, "methods": args.methods, "seq_len": args.seq_len,
+                "eval_windows": args.eval_windows, "act_order": act_order, "num_kmeans_workers": args.workers,
+                "quick": args.quick, "group_size": GROUP_SIZE, "skipped": list(SKIPPED), "lut_iterations": LUT_ITERATIONS}
+    _measure.finish(started, args.out, temp, settings=settings, machine=machine, float=float_result, steps=raw, rows=rows,
+                    gptq_vs_coremltools=found)
 
 
 if __name__ == "__main__":

@@ -71,14 +71,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or with -m
-from _measure import SAMPLE_INTERVAL_S, PeakMemory, TreeSampler, _ru_maxrss_kb  # noqa: E402
+import _measure  # noqa: E402
+from _measure import GB, calibration, fmt, timed  # noqa: E402
 
 GROUP_SIZE = 16
 # SmolLM2 ties lm_head to model.embed_tokens; skipping only one name still compresses the tensor in Core ML Tools.
@@ -94,7 +92,6 @@ WALL_TARGET = 1 / 3  # ours at most a third of their wall time
 RSS_TARGET = 1 / 2  # ours under half their peak RSS
 QUICK = {"seq_len": 128, "samples": [2], "eval_windows": 2, "bits": [4]}
 FULL = {"seq_len": 512, "samples": [16, 128], "eval_windows": 16, "bits": [4, 3]}
-GB = 1e9
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -119,44 +116,7 @@ def skm_config(n_bits: int, samples: int, outliers: bool) -> dict:
 
 def child_main(spec_path: str) -> None:
     """One step in this process; writes its result (JSON) to spec['result']."""
-    spec = json.loads(Path(spec_path).read_text())
-    PeakMemory.marker = Path(spec["marker"])
-    import torch
-
-    from llmpalette.sources.models import load_model, quiet_libraries
-
-    quiet_libraries()
-    result: dict = {"spec": spec}
-    start = time.perf_counter()
-    model, tokenizer = load_model("default", dtype=torch.float32)
-    result["load_seconds"] = time.perf_counter() - start
-    step = spec["step"]
-    if step == "float":
-        with PeakMemory() as memory:
-            pass
-        result.update(memory.as_dict())
-    elif step == "sensitivity":
-        result.update(_sensitivity(spec, model, tokenizer))
-    else:
-        result.update(_cluster(spec, model))
-    if step != "sensitivity":
-        from llmpalette.evaluate.perplexity import perplexity
-        from llmpalette.sources.text import build_windows
-
-        windows = build_windows(tokenizer, "default", seq_len=spec["seq_len"], calibration_samples=0,
-                                evaluation_windows=spec["eval_windows"])
-        start = time.perf_counter()
-        result["perplexity"] = perplexity(result.pop("model", model), windows.evaluation, batch_size=4)
-        result["eval_seconds"] = time.perf_counter() - start
-        result["text"] = windows.description
-    result["child_ru_maxrss_kb"] = _ru_maxrss_kb()
-    Path(spec["result"]).write_text(json.dumps(result, indent=2))
-
-
-def _calibration(tokenizer, spec: dict) -> list:
-    from llmpalette.sources.text import calibration_windows
-
-    return [w for _, w in calibration_windows(tokenizer, "default", seq_len=spec["seq_len"], count=spec["samples"])]
+    _measure.child_main(spec_path, _sensitivity, lambda spec, model, tokenizer: _cluster(spec, model))
 
 
 def _window_loss(model, window):
@@ -166,26 +126,21 @@ def _window_loss(model, window):
 
 
 def _sensitivity(spec: dict, model, tokenizer) -> dict:
-    windows = _calibration(tokenizer, spec)
+    windows = calibration(tokenizer, spec)
     config = skm_config(4, spec["samples"], outliers=False)  # the bits do not change which weights get one
     if spec["tool"] == THEIRS:
         from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
 
         palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(config))
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            palettizer.compute_sensitivity(windows, _window_loss, sensitivity_path=spec["path"])
-            seconds = time.perf_counter() - start
+        run = lambda: palettizer.compute_sensitivity(windows, _window_loss, sensitivity_path=spec["path"])  # noqa: E731
     else:
         from llmpalette.palettization.sensitive_k_means import SKMPalettizer, SKMPalettizerConfig
 
         config["gradient_checkpointing"] = spec.get("gradient_checkpointing", True)  # as the recipes
         palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(config))
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            palettizer.compute_sensitivity(windows, sensitivity_path=spec["path"])
-            seconds = time.perf_counter() - start
-    return {"seconds": seconds, "file_bytes": os.path.getsize(spec["path"]), **memory.as_dict()}
+        run = lambda: palettizer.compute_sensitivity(windows, sensitivity_path=spec["path"])  # noqa: E731
+    _, seconds, memory = timed(run)
+    return {"seconds": seconds, "file_bytes": os.path.getsize(spec["path"]), **memory}
 
 
 def _warm_up(model, method: str, n_bits: int) -> float:
@@ -195,16 +150,15 @@ def _warm_up(model, method: str, n_bits: int) -> float:
     from llmpalette.palettization import ModulePostTrainingPalettizerConfig, palettize_weight
     from llmpalette.palettization.sensitive_k_means import ModuleSKMPalettizerConfig, skm_palettize_weight
 
-    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in SKIPPED)
-    weight = model.get_submodule(name).weight.detach()[: 4 * GROUP_SIZE].clone()
-    start = time.perf_counter()
-    if method == "kmeans":
-        palettize_weight(weight, ModulePostTrainingPalettizerConfig.from_dict(base_config(n_bits)["global_config"]))
-    else:
-        config = skm_config(n_bits, 1, outliers=method == "skm-outliers")["global_config"]
-        sensitivity = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0))
-        skm_palettize_weight(weight, ModuleSKMPalettizerConfig.from_dict(config), sensitivity=sensitivity)
-    return time.perf_counter() - start
+    def kernel(weight) -> None:
+        if method == "kmeans":
+            palettize_weight(weight, ModulePostTrainingPalettizerConfig.from_dict(base_config(n_bits)["global_config"]))
+        else:
+            config = skm_config(n_bits, 1, outliers=method == "skm-outliers")["global_config"]
+            sensitivity = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0))
+            skm_palettize_weight(weight, ModuleSKMPalettizerConfig.from_dict(config), sensitivity=sensitivity)
+
+    return _measure.warm_up(model, SKIPPED, 4 * GROUP_SIZE, kernel)
 
 
 def _cluster(spec: dict, model) -> dict:
@@ -228,88 +182,22 @@ def _cluster(spec: dict, model) -> dict:
         config = skm_config(n_bits, spec["samples"], outliers=method == "skm-outliers")
         palettizer = SKMPalettizer(model, SKMPalettizerConfig.from_dict(config))
         run = lambda: palettizer.compress(sensitivity_path=spec["path"], num_kmeans_workers=workers, inplace=True)  # noqa: E731
-    before = _fingerprints(model)
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        compressed = run()
-        seconds = time.perf_counter() - start
-    after = _fingerprints(compressed)
-    return {"seconds": seconds, "warm_up_seconds": warm_up, "model": compressed, **memory.as_dict(),
+    before = _measure.fingerprints(model, skipped=SKIPPED)
+    compressed, seconds, memory = timed(run)
+    after = _measure.fingerprints(compressed, skipped=SKIPPED)
+    return {"seconds": seconds, "warm_up_seconds": warm_up, "model": compressed, **memory,
             "linear_layers": len(before), "linear_layers_changed": sum(after[n] != f for n, f in before.items())}
-
-
-def _fingerprints(model) -> dict[str, tuple[float, float]]:
-    """(sum, sum of squares) of each linear weight the config compresses: tells which layers a tool changed
-    (a layer a tool skipped silently would show), without a second copy of the weights."""
-    import torch
-
-    return {n: (float(m.weight.detach().double().sum()), float(m.weight.detach().double().square().sum()))
-            for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in SKIPPED}
 
 
 # ----------------------------------------------------------------------------------------------- parent
 
 def run_child(spec: dict, work: Path, label: str) -> dict:
     """Run one step in a fresh process; its output goes to WORK/<label>.log. Returns its result or an error."""
-    spec = {**spec, "result": str(work / f"{label}.json"), "marker": str(work / f"{label}.phase")}
-    spec_path = work / f"{label}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    log_path = work / f"{label}.log"
-    env = {**os.environ, "COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL": "warning", "TQDM_DISABLE": "1"}
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
-        sampler = TreeSampler(child.pid, Path(spec["marker"]))
-        try:
-            while child.poll() is None:
-                sampler.sample()
-                time.sleep(SAMPLE_INTERVAL_S)
-        finally:
-            if child.poll() is None:  # interrupted: do not leave the child (and its workers) running
-                child.terminate()
-                child.wait()
-        code = child.returncode
-    elapsed = time.perf_counter() - start
-    if code != 0 or not Path(spec["result"]).exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-        print(f"  {label}: FAILED (exit {code}) after {elapsed:.0f} s; last lines of {log_path}:\n{tail}", flush=True)
-        return {"error": f"exit {code}", "log_tail": tail, "child_seconds": elapsed, "load_average_before": load}
-    result = json.loads(Path(spec["result"]).read_text())
-    result["tree_peak_rss_bytes_sampled"] = sampler.peak
-    result["max_processes"] = sampler.max_processes
-    if "peak_rss_bytes" in result:
-        result["peak_rss_bytes"] = max(result["peak_rss_bytes"], sampler.peak)
-    result["child_seconds"] = elapsed
-    result["load_average_before"] = load
-    return result
+    return _measure.run_child(spec, work, label, Path(__file__).resolve())
 
 
 def describe(label: str, r: dict) -> str:
-    parts = [f"  {label}: done in {r['child_seconds']:.0f} s (model load {r['load_seconds']:.0f} s; "
-             f"1-min load average before {r['load_average_before']:.2f})"]
-    if "seconds" in r:
-        parts.append(f"timed call {r['seconds']:.1f} s")
-    if "linear_layers" in r:
-        parts.append(f"{r['linear_layers_changed']}/{r['linear_layers']} linear layers changed")
-    if r.get("warm_up_seconds"):
-        parts.append(f"numba warm-up {r['warm_up_seconds']:.1f} s")
-    parts.append(f"peak RSS {r['peak_rss_bytes'] / GB:.2f} GB ({max(1, r['max_processes'])} process(es))")
-    if "perplexity" in r:
-        parts.append(f"perplexity {r['perplexity']:.3f}")
-    return ", ".join(parts)
-
-
-def machine_facts() -> dict:
-    import coremltools
-    import numba
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "numba_threads": numba.get_num_threads(),
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numba": numba.__version__,
-                         "coremltools": coremltools.__version__}}
+    return _measure.describe(label, r)
 
 
 def build_rows(float_result: dict, steps: dict, args) -> list[dict]:
@@ -338,23 +226,17 @@ def build_rows(float_result: dict, steps: dict, args) -> list[dict]:
     return rows
 
 
-def fmt(value, pattern: str) -> str:
-    return "-" if value is None else format(value, pattern)
-
-
 def print_table(rows: list[dict]) -> None:
-    print("\n## Results\n")
-    print("| method | bits | samples | perplexity | ratio to float | wall s | peak RSS GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    _measure.table_head("## Results", ["method", "bits", "samples", "perplexity", "ratio to float", "wall s",
+                                       "peak RSS GB"], "lrrrrrr")
     for r in rows:
         if r["error"]:
-            print(f"| {r['method']} | {r['bits']} | {r['samples'] or '-'} | FAILED: {r['error']} | | | |")
+            print(_measure.failed_row([r["method"], r["bits"], r["samples"] or "-"], r["error"], 7))
             continue
         print(f"| {r['method']} | {r['bits']} | {r['samples'] or '-'} | {fmt(r['perplexity'], '.3f')} | "
               f"{fmt(r['ratio'], '.3f')} | {fmt(r['wall_s'], '.1f')} | {fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / GB, '.2f')} |")
-    print("\n### Where the time and memory go\n")
-    print("| method | bits | samples | sensitivity s | clustering s | sensitivity peak GB | clustering peak GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    _measure.table_head("### Where the time and memory go", ["method", "bits", "samples", "sensitivity s", "clustering s",
+                                                            "sensitivity peak GB", "clustering peak GB"], "lrrrrrr")
     for r in rows:
         if r["method"] == "float" or r["error"]:
             continue
@@ -365,16 +247,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
-    by_key = {(r["method"], r["bits"], r["samples"]): r for r in rows if not r["error"]}
     found = []
-    for (method, bits, samples), ours in by_key.items():
-        theirs = by_key.get((THEIRS, bits, samples))
-        if method not in OURS_SKM or theirs is None:
-            continue
+    for ours, theirs in _measure.against(rows, "bits", OURS_SKM, THEIRS):
         ppl = ours["perplexity"] / theirs["perplexity"]
         wall = ours["wall_s"] / theirs["wall_s"]
         rss = ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]
-        found.append({"method": method, "bits": bits, "samples": samples, "perplexity_ratio": ppl, "wall_ratio": wall,
+        found.append({"method": ours["method"], "bits": ours["bits"], "samples": ours["samples"], "perplexity_ratio": ppl, "wall_ratio": wall,
                       "rss_ratio": rss, "perplexity_met": ppl <= PERPLEXITY_TARGET, "wall_met": wall <= WALL_TARGET,
                       "rss_met": rss < RSS_TARGET})
     return found
@@ -384,9 +262,9 @@ def print_verdicts(found: list[dict]) -> None:
     if not found:
         print("\n(no verdict: the run has no Core ML Tools row next to one of ours)")
         return
-    print("\n## Targets: our SKM against Core ML Tools' SKM (same bits and samples)\n")
-    print("| ours | bits | samples | ppl ours/theirs (<= 1.01) | wall ours/theirs (<= 0.333) | peak RSS ours/theirs (< 0.5) | verdict |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    _measure.table_head("## Targets: our SKM against Core ML Tools' SKM (same bits and samples)",
+                        ["ours", "bits", "samples", "ppl ours/theirs (<= 1.01)", "wall ours/theirs (<= 0.333)",
+                         "peak RSS ours/theirs (< 0.5)", "verdict"], "lrrrrrl")
     for v in found:
         met = [v["perplexity_met"], v["wall_met"], v["rss_met"]]
         word = lambda ok: "met" if ok else "MISSED"  # noqa: E731
@@ -430,12 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="our sensitivity pass without gradient checkpointing (the recipes use it; Core ML Tools has no such option)")
     parser.add_argument("--quick", action="store_true", help="smoke run: seq_len 128, 2 samples, 2 eval windows, 4 bits")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return _measure.fill_defaults(parser.parse_args(argv), QUICK, FULL)
 
 
 def main(argv=None) -> None:
@@ -443,19 +316,7 @@ def main(argv=None) -> None:
     if args.child:
         child_main(args.child)
         return
-    started = time.perf_counter()
-    temp = None
-    if args.work_dir is None:
-        temp = tempfile.TemporaryDirectory(prefix="skm_vs_coremltools_")
-        work = Path(temp.name)
-    else:
-        work = args.work_dir
-        work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL", "warning")
-    machine = machine_facts()
-    print("## Machine")
-    for key, value in machine.items():
-        print(f"- {key}: {json.dumps(value)}")
+    started, work, temp, machine = _measure.start_run(args.work_dir, "skm_vs_coremltools_", ("torch", "numba", "coremltools"))
     print(f"## Plan: bits {args.bits}, samples {args.samples}, methods {args.methods}, seq_len {args.seq_len}, "
           f"eval windows {args.eval_windows}, num_kmeans_workers {args.workers}; children log to {work}\n", flush=True)
     common = {"seq_len": args.seq_len, "eval_windows": args.eval_windows, "workers": args.workers,
@@ -504,24 +365,12 @@ def main(argv=None) -> None:
     found = verdicts(rows)
     print_verdicts(found)
     print_notes(args, args.workers)
-    total = time.perf_counter() - started
-    print(f"\nwhole run: {total:.0f} s", flush=True)
-    if args.out:
-        raw = {f"{k[0]}|{k[1]}|{k[2]}" if len(k) == 3 else f"{k[0]}|{k[1]}": v for group in steps.values() for k, v in group.items()}
-        args.out.write_text(json.dumps({
-            "settings": {"bits": args.bits, "samples": args.samples, "methods": args.methods, "seq_len": args.seq_len,
-                         "eval_windows": args.eval_windows, "num_kmeans_workers": args.workers, "quick": args.quick,
-                         "group_size": GROUP_SIZE, "skipped": list(SKIPPED), "outlier_fraction": OUTLIER_FRACTION},
-            "machine": machine,
-            "float": float_result,
-            "steps": raw,
-            "rows": rows,
-            "verdicts": found,
-            "whole_run_seconds": total,
-        }, indent=2, default=str))
-        print(f"raw results: {args.out}")
-    if temp is not None:
-        temp.cleanup()
+    raw = {f"{k[0]}|{k[1]}|{k[2]}" if len(k) == 3 else f"{k[0]}|{k[1]}": v for group in steps.values() for k, v in group.items()}
+    settings = {"bits": args.bits, "samples": args.samples, "methods": args.methods, "seq_len": args.seq_len,
+                "eval_windows": args.eval_windows, "num_kmeans_workers": args.workers, "quick": args.quick,
+                "group_size": GROUP_SIZE, "skipped": list(SKIPPED), "outlier_fraction": OUTLIER_FRACTION}
+    _measure.finish(started, args.out, temp, settings=settings, machine=machine, float=float_result, steps=raw, rows=rows,
+                    verdicts=found)
 
 
 if __name__ == "__main__":
