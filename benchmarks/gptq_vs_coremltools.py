@@ -22,7 +22,7 @@ Palettization, per_grouped_channel with group_size 16:
 - `skm`: llmpalette's `SKMPalettizer` (Fisher-weighted k-means), no outliers, gradient checkpointing on,
   run as benchmarks/skm_vs_coremltools.py runs it (a sensitivity pass per N, then the clustering);
 - `lut-gptq`: llmpalette's `LayerwiseCompressor` with `algorithm: lut_gptq`, lut_iterations 2 (GPTQ's error
-  feedback onto the k-means LUTs; activation order off, its default).
+  feedback onto the k-means LUTs), use_activation_order_heuristic true (its default; `--no-act-order`: false).
 
 Plus `float`, the model as loaded. The calibration methods get the same N windows of seq_len tokens
 (`calibration_windows(tokenizer, "default", seq_len=..., count=N)`, default N = 16 and 128, seq_len 512);
@@ -107,8 +107,7 @@ Caveats.
 - Core ML Tools' compress always keeps a deep copy of the uncompressed model (for its report), even with
   inplace=True (about +0.54 GB); llmpalette's compress(inplace=True) keeps none. Both hold every
   calibration sample's hidden states at the current block (N x seq_len x 576 float32, inputs and outputs).
-- lut-gptq runs with use_activation_order_heuristic false (its default; `--no-act-order` changes only gptq
-  and coremltools). lut-gptq and skm produce float LUTs per group of 16 output channels, as kmeans does.
+- `--no-act-order` turns the activation order off for gptq, coremltools and lut-gptq alike. lut-gptq and skm produce float LUTs per group of 16 output channels, as kmeans does.
 - skm's wall time is its sensitivity pass plus its clustering, each timed alone in its own child; its
   sensitivity pass uses gradient checkpointing (as the recipes) and glibc's mmap threshold fixed by
   llmpalette.memory.
@@ -200,10 +199,10 @@ def skm_config(setting: str, samples: int) -> dict:
     return {**palettizer_config(setting), "calibration_nsamples": samples}
 
 
-def lut_gptq_config(setting: str, samples: int) -> dict:
+def lut_gptq_config(setting: str, samples: int, act_order: bool = True) -> dict:
     return {"global_config": {"algorithm": "lut_gptq", "n_bits": LUT_SETTINGS[setting],
                               "granularity": "per_grouped_channel", "group_size": GROUP_SIZE,
-                              "lut_iterations": LUT_ITERATIONS},
+                              "lut_iterations": LUT_ITERATIONS, "use_activation_order_heuristic": act_order},
             "calibration_nsamples": samples}
 
 
@@ -214,7 +213,7 @@ def config_for(method: str, setting: str, samples: int, act_order: bool) -> dict
             THEIRS: lambda: coremltools_config(setting, samples, act_order),
             "kmeans": lambda: palettizer_config(setting),
             "skm": lambda: skm_config(setting, samples),
-            "lut-gptq": lambda: lut_gptq_config(setting, samples)}[method]()
+            "lut-gptq": lambda: lut_gptq_config(setting, samples, act_order)}[method]()
 
 
 # ------------------------------------------------------------------------------------- memory measurement
@@ -485,7 +484,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, help="tokens per window (default 512; quick: 128)")
     parser.add_argument("--eval-windows", type=int, help="held-out evaluation windows (default 16; quick: 2)")
     parser.add_argument("--no-act-order", action="store_true",
-                        help="gptq and coremltools with use_activation_order_heuristic false (default: true for both)")
+                        help="gptq, coremltools and lut-gptq with use_activation_order_heuristic false (default: true for all three)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="num_kmeans_workers (default: cores)")
     parser.add_argument("--out", type=Path, help="also write the raw results here (JSON)")
     parser.add_argument("--work-dir", type=Path, help="keep sensitivities, child logs and results here (default: a temp dir, removed)")
@@ -510,7 +509,7 @@ def main(argv=None) -> None:
                                                       ("torch", "numba", "transformers", "coremltools"))
     act_order = not args.no_act_order
     print(f"## Plan: settings {args.settings}, samples {args.samples}, methods {args.methods}, seq_len {args.seq_len}, "
-          f"eval windows {args.eval_windows}, activation order (gptq, coremltools) {act_order}; "
+          f"eval windows {args.eval_windows}, activation order (gptq, coremltools, lut-gptq) {act_order}; "
           f"children log to {work}\n", flush=True)
     code = code_version()
     if args.reuse and (code is None or code["changed"]):

@@ -252,6 +252,27 @@ def test_lut_gptq_palettizes_with_a_lower_output_error_than_weighted_kmeans():
             {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 8, "cluster_dim": 2}))
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_lut_gptq_ends_on_a_refit_so_its_luts_are_optimal_for_its_indices(act_order):
+    # the last GPTQ pass is followed by a refit too: whatever pass wins, refitting its LUTs to its own
+    # indices cannot lower the output error any more (without the last refit the final pass's raw LUTs win)
+    from llmpalette.maths.lut_gptq import refit_luts
+    from llmpalette.palettization import ModulePostTrainingPalettizerConfig
+    from llmpalette.palettization.gptq_lut import gptq_palettize_weight
+
+    config = ModulePostTrainingPalettizerConfig.from_dict({"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 8})
+    for seed in range(3):
+        weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(20 + seed))
+        x = correlated_inputs(512, 64, seed=30 + seed)
+        hessian = x.t() @ x / 512
+        for iterations in (0, 1):
+            palettized, info = gptq_palettize_weight(weight, hessian, config, iterations=iterations, act_order=act_order,
+                                                     processing_group_size=16)
+            lut, indices = palettized.lut[..., 0], palettized.labels().reshape(32, 64)
+            again = refit_luts(weight, indices, hessian, lut, 8).repeat_interleave(8, 0).gather(1, indices)
+            assert output_error(weight, again, hessian) >= info.error * (1 - 1e-5), (seed, iterations, info)
+
+
 # --- GPTQ onto the uniform grid (the linear-quantized kind) -------------------------------------------------
 
 def test_gptq_on_the_rtn_grid_beats_rtn_and_decodes_to_what_it_chose():

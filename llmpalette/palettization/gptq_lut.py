@@ -5,8 +5,11 @@
 2. GPTQ's error feedback with "nearest entry of the row's LUT" as the quantizer (`maths.gptq`,
    `maths.lut_gptq.NearestLUTEntry`).
 3. GANQ's closed-form LUT update for the indices GPTQ chose (`maths.lut_gptq.refit_luts`), then
-   GPTQ again with the new LUTs; `iterations` times. The LUTs and indices with the lowest output error
-   ‖(W − Ŵ)Xᵀ‖² seen along the way are kept.
+   GPTQ again with the new LUTs; `iterations` times; and a last refit to the last pass's indices (for
+   fixed indices the refit is the optimum, so it never makes that pass worse). The LUTs and indices
+   with the lowest output error ‖(W − Ŵ)Xᵀ‖² seen along the way are kept.
+4. Columns in activation order (decreasing H diagonal) by default, as GPTQ's heuristic: the LUTs are
+   per group of rows, so the column order changes only which errors are fed forward.
 
 The result is an ordinary `PalettizedWeight` (per_grouped_channel, float32 LUT), so it is stored,
 reported, loaded and exported like any k-means result. A Linear weight [out, in]: LUTs are shared by
@@ -29,11 +32,13 @@ from llmpalette.palettization.post_training import ModulePostTrainingPalettizerC
 class ModuleLUTGPTQConfig(ModulePostTrainingPalettizerConfig):
     """LUT-GPTQ for one Linear module (`algorithm: lut_gptq` in a `LayerwiseCompressorConfig`): the LUT
     fields of `ModulePostTrainingPalettizerConfig` (scalar float LUTs along the output channels) plus
-    GPTQ's `hessian_dampening`, `use_activation_order_heuristic` and `processing_group_size` (as in
-    `ModuleGPTQConfig`) and `lut_iterations`, the GANQ refits of the LUTs to the indices GPTQ chose."""
+    GPTQ's `hessian_dampening`, `use_activation_order_heuristic` (default true here, false in
+    `ModuleGPTQConfig` as in Core ML Tools: on the default model it takes 4-bit g16 from 1.098x to 1.072x
+    the float perplexity) and `processing_group_size` (as in `ModuleGPTQConfig`) and `lut_iterations`, the
+    GANQ refits of the LUTs to the indices GPTQ chose."""
 
     hessian_dampening: float = 0.01
-    use_activation_order_heuristic: bool = False
+    use_activation_order_heuristic: bool = True
     processing_group_size: int = 128
     lut_iterations: int = 2
     algorithm: str = "lut_gptq"
@@ -73,7 +78,7 @@ def gptq_palettize_weight(
     *,
     iterations: int = 2,
     dampening: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = True,
     processing_group_size: int = 128,
     seed: int = 0,
 ) -> tuple[PalettizedWeight, LUTGPTQInfo]:
@@ -104,9 +109,8 @@ def gptq_palettize_weight(
         result = gptq(w, h, quantizer, dampening=dampening, act_order=act_order, processing_group_size=processing_group_size)
         damp_used = result.dampening
         candidates = [(luts, quantizer.indices)]
-        if step < iterations:
-            luts = refit_luts(w, quantizer.indices, h, luts, group_size)
-            candidates.append((luts, quantizer.indices))  # the refit alone, same indices
+        luts = refit_luts(w, quantizer.indices, h, luts, group_size)  # after the last pass too: never worse
+        candidates.append((luts, quantizer.indices))  # the refit alone, same indices
         for lut, indices in candidates:
             error = output_error(w, lut.repeat_interleave(group_size, 0).gather(1, indices), h)
             if best is None or error < best[0]:
