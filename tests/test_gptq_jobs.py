@@ -61,6 +61,7 @@ def test_a_gptq_job_writes_what_the_layerwise_compressor_computes(tmp_path, tiny
     report = build_report(tmp_path / "job", progress=False)
     assert {row["n_bits"] for row in report["layers"]} == {3 if global_config is not INT4 else 4}
     assert " output rel. error |" in format_report(report) and "Fallbacks" not in format_report(report)
+    assert (" k-means start output rel. error |" in format_report(report)) == (global_config is LUT)
     assert report["passes_seconds"] > 0  # the block forwards and Hessians are counted, not only each layer's maths
     assert "calibration passes" in format_report(report)
 

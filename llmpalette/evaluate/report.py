@@ -311,6 +311,17 @@ def _bits(config: dict[str, Any]) -> int:
     return int(digits.group(1)) if digits else 0
 
 
+# Per-layer metrics shown as columns of report.md when any layer has them: (key, header, explanation).
+OPTIONAL_COLUMNS = (
+    ("fisher_rel_sq_error", "Fisher-weighted rel. sq. error",
+     "Fisher-weighted: each term weighted by the weight's sensitivity, the error the loss sees."),
+    ("output_rel_error", "output rel. error",
+     "Output relative error: ||(W - W_hat) X^T||^2 / ||W X^T||^2 on the calibration inputs, what GPTQ minimises."),
+    ("kmeans_output_rel_error", "k-means start output rel. error",
+     "k-means start: the same output error of LUT-GPTQ's starting point (weighted k-means), before GPTQ's error feedback."),
+)
+
+
 def format_report(report: dict[str, Any]) -> str:
     ev, size = report["evaluation"], report["size"]
     lines = [f"# llmpalette report: {report['job_dir']}", ""]
@@ -363,16 +374,11 @@ def format_report(report: dict[str, Any]) -> str:
             "outweigh the indices they save. Use larger groups, fewer bits, or lut_dtype float16 / int8.",
             "",
         ]
-    fisher = any("fisher_rel_sq_error" in layer for layer in report["layers"])
-    output = any("output_rel_error" in layer for layer in report["layers"])
+    optional = [(key, header, explanation) for key, header, explanation in OPTIONAL_COLUMNS
+                if any(key in layer for layer in report["layers"])]
     outliers = any(layer.get("outliers") for layer in report["layers"])
-    extra = ((" Fisher-weighted rel. sq. error |" if fisher else "") + (" output rel. error |" if output else "")
-             + (" outliers |" if outliers else ""))
-    explained = ["Relative squared error: sum (W - W_hat)^2 / sum W^2."]
-    if fisher:
-        explained.append("Fisher-weighted: each term weighted by the weight's sensitivity, the error the loss sees.")
-    if output:
-        explained.append("Output relative error: ||(W - W_hat) X^T||^2 / ||W X^T||^2 on the calibration inputs, what GPTQ minimises.")
+    extra = "".join(f" {header} |" for _, header, _ in optional) + (" outliers |" if outliers else "")
+    explained = ["Relative squared error: sum (W - W_hat)^2 / sum W^2.", *(e for _, _, e in optional)]
     lines += [
         "## Layers",
         "",
@@ -386,12 +392,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["Fallbacks:", "", *notes, ""]
     lines += [
         f"| layer | shape | bits | granularity | group | rel. sq. error |{extra} bytes | float16 bytes |",
-        "|---|---|---|---|---|---|" + "---|" * (fisher + output + outliers) + "---|---|",
+        "|---|---|---|---|---|---|" + "---|" * (len(optional) + outliers) + "---|---|",
     ]
     for layer in report["layers"]:
         name = layer["name"] + (f" (= {', '.join(layer['tied_names'])})" if layer["tied_names"] else "")
-        cells = (f" {layer.get('fisher_rel_sq_error', float('nan')):.3e} |" if fisher else "") + (
-            f" {layer.get('output_rel_error', float('nan')):.3e} |" if output else "") + (
+        cells = "".join(f" {layer.get(key, float('nan')):.3e} |" for key, _, _ in optional) + (
             f" {layer.get('outliers', 0):,} |" if outliers else "")
         lines.append(
             f"| {name} | {'x'.join(map(str, layer['shape']))} | {layer['n_bits']} | {layer['granularity']} | "
