@@ -28,6 +28,7 @@ from torch import nn
 
 from llmpalette.calibration.sums import HookedSums, ShardPlan, accumulate_rounds
 from llmpalette.distributed import World
+from llmpalette.errors import ConfigError
 
 log = logging.getLogger("llmpalette")
 
@@ -90,6 +91,24 @@ def split_batch(batch: object) -> list[object]:
     if hasattr(batch, "_fields"):  # a namedtuple
         return [type(batch)(*(take(v, i) for v in batch)) for i in range(n)]
     return [type(batch)(take(v, i) for v in batch) for i in range(n)]
+
+
+def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int, sharded: bool = False) -> tuple[int, list[tuple[int, object]]]:
+    """(how many, `rank`'s numbered samples) of the first `plan.count` single samples of `samples` (batches
+    are split, `split_batch`); a rank keeps its shards' samples (`sharded`: one sample per rank in turn, as
+    under FSDP). Fewer than `plan.count` is allowed, with a warning, as Core ML Tools allows; none is an error."""
+    mine, count = [], 0
+    for batch in samples:
+        for sample in split_batch(batch):
+            if plan.rank_of_sample(count, sharded) == rank:
+                mine.append((count, sample))
+            count += 1
+            if count == plan.count:
+                return count, mine
+    if count == 0:
+        raise ConfigError("dataloader", "yielded no samples")
+    log.warning("the dataloader gave %d samples, fewer than calibration_nsamples=%d", count, plan.count)
+    return count, mine
 
 
 class SquaredGradients(HookedSums):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llmpalette import distributed
-from llmpalette.calibration.fisher import LossFn, ShardPlan, causal_lm_loss, fisher_sums, split_batch
+from llmpalette.calibration.fisher import LossFn, ShardPlan, causal_lm_loss, fisher_sums, own_samples
 from llmpalette.calibration.sharded import fisher_sums_sharded, fsdp_requested
 from llmpalette.config import OptimizationConfig
 from llmpalette.errors import ConfigError
@@ -190,12 +190,13 @@ class SKMPalettizer:
         plan = self.plan(model)
         params = {sensitivity_key(p.unit): get_weight(model, p.unit) for p in plan}
         sharded = world.world_size > 1 and (fsdp_auto_wrap_policy is not None or fsdp_requested())
-        samples = _own_samples(dataloader, self._config, world, sharded)
-        shards = ShardPlan(samples.count, self._config.calibration_shard_size, world.world_size)
+        count, samples = own_samples(dataloader, ShardPlan(self._config.calibration_nsamples, self._config.calibration_shard_size,
+                                                           world.world_size), world.rank, sharded)
+        shards = ShardPlan(count, self._config.calibration_shard_size, world.world_size)
         owners = distributed.owners_by_size({n: p.numel() for n, p in params.items()}, world.world_size)
         options = {"wrap": fsdp_auto_wrap_policy} if sharded else {}
         totals = (fisher_sums_sharded if sharded else fisher_sums)(
-            model, samples.items, loss_fn or causal_lm_loss, params, shards, world, owners=owners,
+            model, samples, loss_fn or causal_lm_loss, params, shards, world, owners=owners,
             gradient_checkpointing=self._config.gradient_checkpointing, **options)
         sensitivities = {name: distributed.broadcast_tensor(totals.get(name), params[name], owners[name]) for name in params}
         if sensitivity_path is not None and world.is_main:
@@ -255,30 +256,6 @@ class SKMPalettizer:
         """Per compressed module: LUT shape, bits, outliers, compressed bytes and both errors."""
         return {name: {**weight_summary(p), "outliers": p.n_outliers, **self.errors.get(name, {})}
                 for name, p in self.compressed.items()}
-
-
-@dataclass
-class _OwnSamples:
-    count: int
-    items: list[tuple[int, object]]
-
-
-def _own_samples(dataloader: Iterable, config: SKMPalettizerConfig, world, sharded: bool = False) -> _OwnSamples:
-    """Number the samples of the first `calibration_nsamples`; keep only this rank's (by shard, or one
-    sample per rank in turn under FSDP)."""
-    plan = ShardPlan(config.calibration_nsamples, config.calibration_shard_size, world.world_size)
-    mine, count = [], 0
-    for batch in dataloader:
-        for sample in split_batch(batch):
-            if plan.rank_of_sample(count, sharded) == world.rank:
-                mine.append((count, sample))
-            count += 1
-            if count == config.calibration_nsamples:
-                return _OwnSamples(count, mine)
-    if count == 0:
-        raise ConfigError("dataloader", "yielded no samples")
-    log.warning("the dataloader gave %d samples, fewer than calibration_nsamples=%d", count, config.calibration_nsamples)
-    return _OwnSamples(count, mine)
 
 
 def load_sensitivities(path: str | Path) -> Mapping[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmpalette import distributed
-from llmpalette.calibration.fisher import split_batch
+from llmpalette.calibration.fisher import own_samples
 from llmpalette.calibration.sums import ShardPlan
 from llmpalette.config import ModuleOptimizationConfig, OptimizationConfig, module_from_dict
 from llmpalette.errors import ConfigError
@@ -205,23 +205,6 @@ def model_forward(model: nn.Module, sample: object) -> object:
     if isinstance(sample, torch.Tensor) and sample.dim() == 1:
         sample = sample.unsqueeze(0)
     return model(input_ids=sample, use_cache=False)
-
-
-def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int) -> tuple[int, list[tuple[int, object]]]:
-    """(how many, `rank`'s numbered samples) of the first `plan.count` single samples of `samples` (batches
-    are split). Fewer than `plan.count` is allowed, with a warning (as SKMPalettizer does)."""
-    mine, count = [], 0
-    for batch in samples:
-        for sample in split_batch(batch):
-            if plan.rank_of_sample(count) == rank:
-                mine.append((count, sample))
-            count += 1
-            if count == plan.count:
-                return count, mine
-    if count == 0:
-        raise ConfigError("dataloader", "yielded no samples")
-    log.warning("the dataloader gave %d samples, fewer than calibration_nsamples=%d", count, plan.count)
-    return count, mine
 
 
 class LayerwiseCompressor:
