@@ -22,11 +22,10 @@ from torch import nn
 from llmpalette.errors import ConfigError
 from llmpalette.layout import QuantizedWeight
 from llmpalette.maths.uniform import (
-    column_params,
     dequantize_blocks,
     quant_range,
     quantize_blocks,
-    quantize_column,
+    UniformColumns,
     uniform_grid,
 )
 from llmpalette.quantization import (
@@ -403,7 +402,7 @@ def test_quant_ranges_are_coremltools():
         assert quant_range(n_bits, signed, scheme) == ct_utils.get_quant_range(n_bits, signed, mode)
 
 
-def test_quantize_column_is_the_whole_weight_column_by_column():
+def test_gptqs_column_quantizer_is_the_whole_weight_column_by_column():
     weight = torch.randn(12, 32, generator=torch.Generator().manual_seed(10))
     block_sizes = (2, 8)
     for signed, scheme in itertools.product((True, False), SCHEMES):
@@ -411,10 +410,11 @@ def test_quantize_column_is_the_whole_weight_column_by_column():
         qmin, qmax = quant_range(4, signed, scheme)
         whole = quantize_blocks(weight, scale, zero_point, block_sizes, qmin, qmax)
         values = dequantize_blocks(whole, scale, zero_point, block_sizes)
+        columns = UniformColumns(scale, zero_point, block_sizes, qmin, qmax, weight.shape[1])  # GPTQ's quantizer
         for column in range(weight.shape[1]):
-            s, zp = column_params(scale, zero_point, block_sizes, column)
-            q, v = quantize_column(weight[:, column], s, zp, qmin, qmax)
-            assert torch.equal(q, whole[:, column]) and torch.equal(v, values[:, column])
+            v = columns(weight[:, column], column)
+            assert torch.equal(v, values[:, column])
+        assert torch.equal(columns.integers, whole.to(torch.int32))
 
 
 def test_an_all_zero_block_gets_scale_one_and_decodes_to_zero():

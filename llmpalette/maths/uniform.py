@@ -161,19 +161,6 @@ def dequantize_blocks(
     return dequantize(to_blocks(q, block_sizes), per_block(scale), zp).reshape(q.shape)
 
 
-def column_params(
-    scale: torch.Tensor, zero_point: torch.Tensor | None, block_sizes: tuple[int, ...], column: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scale and zero point of every row at input column `column` of a 2-D weight `[out, in]`:
-    `[out]` each (a block of `block_sizes[0]` rows shares one value, repeated here)."""
-    if len(block_sizes) != 2 or scale.dim() != 2:
-        raise ValueError(f"column_params: needs a 2-D weight's grid, got block_sizes {list(block_sizes)}")
-    rows, block_column = block_sizes[0], column // block_sizes[1]
-    s = scale[:, block_column].repeat_interleave(rows)
-    zp = None if zero_point is None else zero_point[:, block_column].repeat_interleave(rows)
-    return s, zp
-
-
 def quantize_column(
     column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
