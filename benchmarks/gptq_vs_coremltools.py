@@ -51,11 +51,11 @@ Run from the repository root (llmpalette and coremltools 9.0 installed):
         [--out results.json] [--work-dir DIR [--reuse]] [--quick]
 
 `--quick` (seq_len 128, 2 samples, 2 evaluation windows, settings int4-pc and lut4-g16; explicit flags still
-win) is a smoke run: its figures mean nothing (and still takes about 30 minutes on 2 cores, most of it
-lut-gptq). The full run (every method and setting at 16 samples) takes well over an hour on 2 cores: 13
-evaluations of about 1 minute, the SKM sensitivity pass, and the column-by-column GPTQ of 210 layers per
-calibrated run (on a shared 2-core machine at load 3-8: llmpalette's gptq 460-990 s, Core ML Tools'
-about 640 s, lut-gptq longer, as it runs GPTQ three times). `--work-dir` keeps each child's log, spec and JSON result,
+win) is a smoke run: its figures mean nothing (it took about 30 minutes on 2 cores, most of it lut-gptq,
+before lut-gptq's compiled kernels; not timed since). The full run at 16 samples (every method and setting) took 28 minutes on this 2-core machine
+(2026-11-24: 16 evaluations of about 20 s, model loads of about 17 s, the SKM sensitivity pass 111 s, each
+calibrated GPTQ call 64-80 s, lut-gptq's 131-140 s); at 128 samples gptq, lut-gptq and coremltools at four
+settings took 43 minutes (each call 339-410 s). `--work-dir` keeps each child's log, spec and JSON result,
 the result as the parent completed it (`<label>.result.json`: the sampled tree peak, wall time and load averages
 added) and the SKM sensitivity files; by default they go to a temporary directory that is removed.
 
