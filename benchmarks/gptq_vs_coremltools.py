@@ -480,7 +480,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, nargs="+", help="calibration window counts (default 16 128; quick: 2)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods besides float")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS,
-                        help="settings (default all: int4-pc int3-b32 lut4-g16 lut3-g16; quick: int4-pc lut4-g16)")
+                        help="settings (default all: int4-pc int4-pc-affine int3-b32 lut4-g16 lut3-g16; quick: int4-pc lut4-g16)")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default 512; quick: 128)")
     parser.add_argument("--eval-windows", type=int, help="held-out evaluation windows (default 16; quick: 2)")
     parser.add_argument("--no-act-order", action="store_true",

@@ -93,8 +93,8 @@ def _after_stages(args, recipe, summary, world_size: int) -> None:
     from llmpalette.jobs.lock import JobLock
     from llmpalette.jobs.manifest import Manifest
 
-    print(f"compressed {summary.units} layers ({summary.computed} computed, {summary.kept} kept from an earlier run"
-          f"{f'; {len(summary.redone)} of them redone because a file was missing or corrupt' if summary.redone else ''}) "
+    redone = f" ({len(summary.redone)} of them redone because a file was missing or corrupt)" if summary.redone else ""
+    print(f"compressed {summary.units} layers ({summary.computed} computed{redone}, {summary.kept} kept from an earlier run) "
           f"on {world_size} rank(s) in {summary.seconds:.1f} s (this run's wall time, model loading included) "
           f"-> {summary.job_dir}")
     print(f"{compression_time_line(compression_time(Manifest.load(summary.job_dir)))}, as the job records it "

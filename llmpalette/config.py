@@ -22,7 +22,7 @@ from typing import IO, Any, ClassVar, Literal, Union
 import torch
 import yaml
 
-from llmpalette.errors import ConfigError
+from llmpalette.errors import ConfigError, unknown_field
 from llmpalette.modules import SUPPORTED_MODULES
 
 
@@ -129,7 +129,7 @@ class ModuleOptimizationConfig:
             if key in cls._rejected_fields:
                 raise ConfigError(str(key), cls._rejected_fields[key])
             if key not in names:
-                raise ConfigError(str(key), f"unknown field of {cls.__name__}; known fields: {', '.join(sorted(names))}")
+                raise unknown_field(str(key), key, sorted(names), cls.__name__)
         return cls(**dict(config_dict))
 
     @classmethod
@@ -200,7 +200,7 @@ class OptimizationConfig:
         known = (*_LEVELS, *cls._top_level_fields())
         for key in config_dict:
             if key not in known:
-                raise ConfigError(str(key), f"unknown field; known fields: {', '.join(known)}")
+                raise unknown_field(str(key), key, known)
         read = cls._module_config_from_dict
         global_config = None
         if "global_config" in config_dict and config_dict["global_config"] is not None:

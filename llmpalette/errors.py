@@ -24,6 +24,18 @@ class ConfigError(LlmpaletteError, ValueError):
         return ConfigError(field, self.message, source)
 
 
+def unknown_field(field: str, name: str, known, owner: str = "") -> ConfigError:
+    """The error for a field `name` (at dotted path `field`) that is not one of `known`: it lists them and
+    suggests the closest spelling, e.g. "unknown field of X; did you mean 'n_bits'? known fields: ..."."""
+    import difflib
+
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    where = f" of {owner}" if owner else ""
+    return ConfigError(field, f"unknown field{where}; {hint}known fields: {', '.join(known)}")
+
+
 class SourceError(LlmpaletteError):
     """A model or text source cannot be found or loaded."""
 

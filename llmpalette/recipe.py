@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from llmpalette.config import OptimizationConfig
-from llmpalette.errors import ConfigError
+from llmpalette.errors import ConfigError, unknown_field
 from llmpalette.palettization.post_training import Plan, PostTrainingPalettizerConfig, palettize_weight, plan_units
 from llmpalette.palettization.sensitive_k_means import SKMPalettizerConfig, skm_palettize_weight
 from llmpalette.quantization.layerwise_compressor import LayerwiseCompressorConfig, layerwise_plan
@@ -297,7 +297,7 @@ def _section(raw: Mapping, key: str, cls: type) -> Any:
     kwargs = {}
     for name, item in value.items():
         if name not in hints:
-            raise ConfigError(f"{key}.{name}", f"unknown field; known fields: {', '.join(hints)}")
+            raise unknown_field(f"{key}.{name}", name, hints)
         expected = int if hints[name] in ("int", int) else str
         if not isinstance(item, expected) or isinstance(item, bool):
             raise ConfigError(f"{key}.{name}", f"expected {expected.__name__}, got {item!r}")

@@ -39,11 +39,12 @@ def test_defaults_match_core_ml_tools():
         ({"global_config": {"channel_axis": 2}}, "global_config.channel_axis", "0 or 1"),
         ({"global_config": {"cluster_dim": 2, "enable_per_channel_scale": True}}, "global_config.enable_per_channel_scale", "cluster_dim"),
         ({"global_config": {"lut_dtype": "int4"}}, "global_config.lut_dtype", "uint8"),
-        ({"global_config": {"nbits": 4}}, "global_config.nbits", "unknown field"),
+        ({"global_config": {"nbits": 4}}, "global_config.nbits", "unknown field of ModulePostTrainingPalettizerConfig; did you mean 'n_bits'?"),
+        ({"global_config": {"zzz": 4}}, "global_config.zzz", "unknown field of ModulePostTrainingPalettizerConfig; known fields:"),
         ({"global_config": {"enable_fast_kmeans_mode": True}}, "global_config.enable_fast_kmeans_mode", "exact"),
         ({"module_name_configs": {"a": {"n_bits": 12}}}, "module_name_configs.a.n_bits", "between 1 and 8"),
         ({"module_type_configs": {"Linear": [{"n_bits": 2}, {"n_bits": 77}]}}, "module_type_configs.Linear[1].n_bits", "between"),
-        ({"globl_config": {}}, "globl_config", "unknown field"),
+        ({"globl_config": {}}, "globl_config", "did you mean 'global_config'?"),
     ],
 )
 def test_bad_values_name_the_field(raw, field, words):
