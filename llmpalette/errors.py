@@ -2,6 +2,7 @@
 
 Below every floor of the house: any module may raise them.
 """
+import difflib
 
 
 class LlmpaletteError(Exception):
@@ -27,8 +28,6 @@ class ConfigError(LlmpaletteError, ValueError):
 def unknown_field(field: str, name: str, known, owner: str = "") -> ConfigError:
     """The error for a field `name` (at dotted path `field`) that is not one of `known`: it lists them and
     suggests the closest spelling, e.g. "unknown field of X; did you mean 'n_bits'? known fields: ..."."""
-    import difflib
-
     known = list(known)
     close = difflib.get_close_matches(str(name), known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""

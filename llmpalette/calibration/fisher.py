@@ -19,6 +19,7 @@ caller checkpoints through `on_round`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -93,10 +94,11 @@ def split_batch(batch: object) -> list[object]:
     return [type(batch)(take(v, i) for v in batch) for i in range(n)]
 
 
-def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int, sharded: bool = False) -> tuple[int, list[tuple[int, object]]]:
-    """(how many, `rank`'s numbered samples) of the first `plan.count` single samples of `samples` (batches
-    are split, `split_batch`); a rank keeps its shards' samples (`sharded`: one sample per rank in turn, as
-    under FSDP). Fewer than `plan.count` is allowed, with a warning, as Core ML Tools allows; none is an error."""
+def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int, sharded: bool = False) -> tuple[ShardPlan, list[tuple[int, object]]]:
+    """(`plan` with the count of samples there were, `rank`'s numbered samples) of the first `plan.count`
+    single samples of `samples` (batches are split, `split_batch`); a rank keeps its shards' samples
+    (`sharded`: one sample per rank in turn, as under FSDP). Fewer than `plan.count` is allowed, with a
+    warning, as Core ML Tools allows; none is an error."""
     mine, count = [], 0
     for batch in samples:
         for sample in split_batch(batch):
@@ -104,11 +106,11 @@ def own_samples(samples: Iterable[object], plan: ShardPlan, rank: int, sharded: 
                 mine.append((count, sample))
             count += 1
             if count == plan.count:
-                return count, mine
+                return plan, mine
     if count == 0:
         raise ConfigError("dataloader", "yielded no samples")
     log.warning("the dataloader gave %d samples, fewer than calibration_nsamples=%d", count, plan.count)
-    return count, mine
+    return dataclasses.replace(plan, count=count), mine
 
 
 class SquaredGradients(HookedSums):

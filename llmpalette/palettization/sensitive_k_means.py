@@ -190,9 +190,8 @@ class SKMPalettizer:
         plan = self.plan(model)
         params = {sensitivity_key(p.unit): get_weight(model, p.unit) for p in plan}
         sharded = world.world_size > 1 and (fsdp_auto_wrap_policy is not None or fsdp_requested())
-        count, samples = own_samples(dataloader, ShardPlan(self._config.calibration_nsamples, self._config.calibration_shard_size,
-                                                           world.world_size), world.rank, sharded)
-        shards = ShardPlan(count, self._config.calibration_shard_size, world.world_size)
+        shards, samples = own_samples(dataloader, ShardPlan(self._config.calibration_nsamples, self._config.calibration_shard_size,
+                                                            world.world_size), world.rank, sharded)
         owners = distributed.owners_by_size({n: p.numel() for n, p in params.items()}, world.world_size)
         options = {"wrap": fsdp_auto_wrap_policy} if sharded else {}
         totals = (fisher_sums_sharded if sharded else fisher_sums)(

@@ -245,9 +245,8 @@ class LayerwiseCompressor:
         blocks, plan = plan_layerwise(model, self._config)
         plan.log_skipped()
         configs = {p.unit.name: p.config for p in plan}
-        shards = ShardPlan(self._config.calibration_nsamples, self._config.calibration_shard_size, world.world_size)
-        count, samples = own_samples(dataloader, shards, world.rank)
-        shards = dataclasses.replace(shards, count=count)
+        shards, samples = own_samples(dataloader, ShardPlan(self._config.calibration_nsamples, self._config.calibration_shard_size,
+                                                            world.world_size), world.rank)
 
         def compress_layer(name: str, module: nn.Linear, hessian: torch.Tensor):
             result = compress_linear(module.weight, hessian, configs[name], seed=self._seed)
